@@ -1,0 +1,690 @@
+"""A SemSegLoop project: one folder holding the classes, images, sparse labels, models,
+predictions and training log of a labelling effort, and the API that runs the loop on it.
+
+Layout (every write is atomic; nothing painted or trained is overwritten in place):
+    project.json                 versioned settings, images, rounds history
+    images/<id>.nrrd             copied images with geometry (or a reference to the source)
+    labels/<id>.nrrd             sparse labels, 0 = unlabeled, k = class k
+    checkpoints/round_NNN.*      safetensors weights + JSON (one per round; earlier ones kept)
+    predictions/round_NNN/       <id>.nrrd (+ .tif for 2D), <id>_uncertainty.nrrd
+    train_log.jsonl              one JSON object per training step / event
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from . import imageio
+from .atomic import atomic_write_text
+from .errors import (CheckpointError, ImageReadError, LabelError, ProjectError,
+                     SemSegLoopError, TrainingError)
+from .imageio import Geometry, ImageData
+
+log = logging.getLogger("semsegloop")
+
+FORMAT_NAME = "semsegloop-project"
+FORMAT_VERSION = 1
+PROJECT_FILE = "project.json"
+
+# Distinct, colour-blind-friendly defaults (Okabe-Ito) for classes without a colour.
+DEFAULT_COLORS = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178),
+                  (213, 94, 0), (204, 121, 167), (153, 153, 153), (128, 64, 0), (64, 0, 128)]
+
+
+class Project:
+    """The scripting surface of SemSegLoop (see README "Python API")."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = Path(path)
+        self._meta = meta
+        self._image_cache: dict[str, ImageData] = {}
+        self._model = None          # (round, plan, torch module) of the loaded model
+        self._lock = threading.RLock()
+
+    # ---------------------------------------------------------------- create / open / save
+    @classmethod
+    def create(cls, path, classes: Iterable[str], dims: int = 2, colors=None,
+               channels: int | None = None, normalization: dict | None = None,
+               preset: str | None = None, exist_ok: bool = False) -> "Project":
+        """Make a new project folder. ``classes`` are names in label order (label k = k-th)."""
+        path = Path(path)
+        names = [str(c).strip() for c in classes]
+        if len(names) < 2:
+            raise ProjectError(f"a project needs at least two classes, got {names}")
+        if any(not n for n in names) or len(set(names)) != len(names):
+            raise ProjectError(f"class names must be non-empty and unique, got {names}")
+        if len(names) > 255:
+            raise ProjectError("at most 255 classes fit a uint8 label map")
+        if dims not in (2, 3):
+            raise ProjectError(f"dims must be 2 or 3, got {dims!r}")
+        if colors is not None and len(colors) != len(names):
+            raise ProjectError(f"{len(colors)} colours given for {len(names)} classes")
+        if (path / PROJECT_FILE).exists() and not exist_ok:
+            raise ProjectError(f"'{path}' already holds a project; use Project.open")
+        if path.exists() and not path.is_dir():
+            raise ProjectError(f"'{path}' exists and is not a folder")
+        from .networks import DEFAULT_PRESET, load_preset
+
+        preset = preset or DEFAULT_PRESET[dims]
+        if load_preset(preset)["dims"] != dims:
+            raise ProjectError(f"network preset '{preset}' is not a {dims}D network")
+        if normalization is not None:
+            from .normalization import validate_normalization
+            normalization = validate_normalization(normalization)
+        cls_list = []
+        for i, n in enumerate(names):
+            col = colors[i] if colors is not None else DEFAULT_COLORS[i % len(DEFAULT_COLORS)]
+            cls_list.append({"name": n, "color": [int(c) for c in col]})
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "classes": cls_list,
+                "dims": dims, "channels": channels, "normalization": normalization,
+                "preset": preset, "images": [], "rounds": [],
+                "created": _now()}
+        path.mkdir(parents=True, exist_ok=True)
+        proj = cls(path, meta)
+        proj.save()
+        return proj
+
+    @classmethod
+    def open(cls, path) -> "Project":
+        path = Path(path)
+        f = path / PROJECT_FILE
+        if not path.is_dir():
+            raise ProjectError(f"project folder '{path}' does not exist")
+        if not f.is_file():
+            raise ProjectError(f"'{path}' is not a SemSegLoop project (no {PROJECT_FILE})")
+        try:
+            meta = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ProjectError(f"'{f}' is damaged: {e}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            raise ProjectError(f"'{f}' is not a SemSegLoop project file (format "
+                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+        version = meta.get("version")
+        if not isinstance(version, int):
+            raise ProjectError(f"'{f}' has no valid format version")
+        if version > FORMAT_VERSION:
+            raise ProjectError(f"'{f}' was written by a newer SemSegLoop (format version "
+                               f"{version}; this one reads up to {FORMAT_VERSION}); upgrade")
+        for key in ("classes", "dims", "images", "rounds", "preset"):
+            if key not in meta:
+                raise ProjectError(f"'{f}' is damaged: the '{key}' entry is missing")
+        return cls(path, meta)
+
+    def save(self) -> None:
+        with self._lock:
+            atomic_write_text(self.path / PROJECT_FILE, json.dumps(self._meta, indent=2))
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def classes(self) -> list[dict]:
+        return [dict(c) for c in self._meta["classes"]]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in self._meta["classes"]]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self._meta["classes"])
+
+    @property
+    def dims(self) -> int:
+        return int(self._meta["dims"])
+
+    @property
+    def channels(self) -> int | None:
+        return self._meta.get("channels")
+
+    @property
+    def preset(self) -> str:
+        return self._meta["preset"]
+
+    @property
+    def normalization(self) -> dict | None:
+        n = self._meta.get("normalization")
+        return dict(n) if n else None
+
+    @property
+    def round(self) -> int:
+        done = [r for r in self._meta["rounds"] if r.get("checkpoint")]
+        return int(done[-1]["round"]) if done else 0
+
+    @property
+    def rounds(self) -> list[dict]:
+        return [dict(r) for r in self._meta["rounds"]]
+
+    @property
+    def image_ids(self) -> list[str]:
+        return [im["id"] for im in self._meta["images"]]
+
+    def set_classes(self, classes: list[dict]) -> None:
+        """Rename/recolour classes or append new ones; removing or reordering is refused, since
+        label values already painted refer to positions."""
+        old = self._meta["classes"]
+        if len(classes) < len(old):
+            raise ProjectError("classes cannot be removed from a project with labels; "
+                               "relabel instead")
+        new = []
+        for i, c in enumerate(classes):
+            name = str(c["name"]).strip()
+            color = [int(v) for v in c.get("color", DEFAULT_COLORS[i % len(DEFAULT_COLORS)])]
+            new.append({"name": name, "color": color})
+        names = [c["name"] for c in new]
+        if any(not n for n in names) or len(set(names)) != len(names):
+            raise ProjectError(f"class names must be non-empty and unique, got {names}")
+        self._meta["classes"] = new
+        self.save()
+
+    # ---------------------------------------------------------------- images and labels
+    def _entry(self, image_id: str) -> dict:
+        for im in self._meta["images"]:
+            if im["id"] == image_id:
+                return im
+        raise ProjectError(f"no image '{image_id}' in project '{self.path}' "
+                           f"(images: {', '.join(self.image_ids) or 'none'})")
+
+    def add_image(self, source, spacing=None, name: str | None = None, copy: bool = True,
+                  geometry: Geometry | None = None) -> str:
+        """Add an image file, folder (2D stack or DICOM series), numpy array or ImageData.
+
+        Arrays: (Y,X[,C]) or (N,Y,X[,C]) in 2D, (Z,Y,X[,C]) in 3D. ``copy=False`` keeps only a
+        reference to a file on disk (the project then needs that file to stay where it is).
+        Returns the new image id.
+        """
+        if isinstance(source, ImageData):
+            image = source
+        elif isinstance(source, (str, os.PathLike)):
+            image = imageio.read_image(source, dims=self.dims)
+            if spacing is not None:  # the file's spacing is wrong or missing (PNG, TIFF)
+                g = image.geometry
+                image = ImageData(image.array, Geometry(imageio._spacing_tuple(spacing, str(source)),
+                                                        g.origin, g.direction),
+                                  image.name, image.source)
+        else:
+            image = imageio.as_image_data(source, spacing=spacing, name=name or "image",
+                                          dims=self.dims, channels=self.channels)
+        if geometry is not None:
+            image = ImageData(image.array, geometry, image.name, image.source)
+        name = name or image.name
+        imageio.check_finite(image.array, name)
+        if self.dims == 3 and image.array.shape[0] < 2:
+            log.info("3D project: image '%s' has a single slice", name)
+        if self.channels is None:
+            self._meta["channels"] = image.channels
+        elif image.channels != self.channels:
+            raise ImageReadError(f"image '{name}' has {image.channels} channel(s) but project "
+                                 f"'{self.path.name}' has {self.channels}")
+        if not self._meta.get("normalization"):
+            from .normalization import detect_normalization
+            self._meta["normalization"] = detect_normalization(image)
+        image_id = self._new_id(name)
+        entry = {"id": image_id, "name": name, "shape": list(image.array.shape),
+                 "dtype": str(image.array.dtype), "geometry": image.geometry.to_json(),
+                 "source": image.source, "added": _now()}
+        if copy or image.source is None:
+            rel = f"images/{image_id}.nrrd"
+            imageio.write_image(self.path / rel, image)
+            entry["file"] = rel
+        else:
+            entry["file"] = str(Path(image.source).resolve())
+        self._meta["images"].append(entry)
+        try:
+            self.save()
+        except BaseException:
+            self._meta["images"].pop()
+            raise
+        self._image_cache[image_id] = ImageData(image.array, image.geometry, name, image.source)
+        return image_id
+
+    def _new_id(self, name: str) -> str:
+        base = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:40] or "image"
+        taken = set(self.image_ids)
+        candidate, n = base, 2
+        while candidate in taken:
+            candidate, n = f"{base}_{n}", n + 1
+        return candidate
+
+    def image(self, image_id: str) -> ImageData:
+        entry = self._entry(image_id)
+        if image_id not in self._image_cache:
+            f = Path(entry["file"])
+            f = f if f.is_absolute() else self.path / f
+            if not f.exists():
+                raise ImageReadError(f"image '{image_id}' file '{f}' is missing")
+            img = imageio.read_image(f, dims=self.dims)
+            self._image_cache[image_id] = ImageData(img.array, Geometry.from_json(entry["geometry"]),
+                                                    entry["name"], entry.get("source"))
+        return self._image_cache[image_id]
+
+    def image_info(self, image_id: str) -> dict:
+        return json.loads(json.dumps(self._entry(image_id)))
+
+    def geometry(self, image_id: str) -> Geometry:
+        return Geometry.from_json(self._entry(image_id)["geometry"])
+
+    def _labels_path(self, image_id: str) -> Path:
+        return self.path / "labels" / f"{image_id}.nrrd"
+
+    def set_labels(self, image_id: str, labels, geometry: Geometry | None = None) -> None:
+        """Store the sparse labels of an image: 0 = unlabeled, k = class k (1..K).
+
+        ``labels`` is (S, Y, X) or, for a single 2D slice, (Y, X). ``geometry`` (optional) is
+        checked against the image's so labels painted on another grid are refused.
+        """
+        entry = self._entry(image_id)
+        shape = tuple(entry["shape"][:3])
+        arr = np.asarray(labels)
+        if arr.dtype.kind not in "uib":
+            raise LabelError(f"labels for image '{image_id}' must be integers, got {arr.dtype}")
+        if arr.ndim == 2 and shape[0] == 1:
+            arr = arr[None]
+        if arr.shape != shape:
+            raise LabelError(f"labels for image '{image_id}' have shape {arr.shape} but the image "
+                             f"is {shape} (slices, y, x)")
+        if geometry is not None and not geometry.matches(self.geometry(image_id), tol=1e-3):
+            raise LabelError(f"labels for image '{image_id}' are on a different grid "
+                             f"(spacing/origin/direction {geometry.to_json()} vs "
+                             f"{self.geometry(image_id).to_json()})")
+        if arr.size:
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi > self.n_classes:
+                bad = hi if hi > self.n_classes else lo
+                raise LabelError(f"labels for image '{image_id}' contain value {bad}; values must "
+                                 f"be 0 (unlabeled) or 1..{self.n_classes} "
+                                 f"({', '.join(self.class_names)})")
+        imageio.write_labels(self._labels_path(image_id), arr.astype(np.uint8),
+                             self.geometry(image_id))
+        entry["labeled_pixels"] = _counts(arr, self.n_classes)
+        entry["labels_updated"] = _now()
+        self.save()
+
+    def labels(self, image_id: str) -> np.ndarray:
+        entry = self._entry(image_id)
+        p = self._labels_path(image_id)
+        if not p.exists():
+            return np.zeros(tuple(entry["shape"][:3]), dtype=np.uint8)
+        arr, _ = imageio.read_labels(p)
+        return arr
+
+    def labeled_image_ids(self) -> list[str]:
+        return [im["id"] for im in self._meta["images"]
+                if sum(im.get("labeled_pixels", {}).values()) > 0]
+
+    # ---------------------------------------------------------------- training
+    def train(self, time_budget_s: float | None = None, steps: int | None = None,
+              device: str = "auto", progress: Callable | None = None, cancel: Any = None,
+              seed: int = 0, reference: dict | None = None, preset: str | None = None,
+              pairwise_weight: float | None = None, image_ids: list[str] | None = None):
+        """Train one round on the painted labels, warm-starting from the previous round.
+
+        Runs for ``time_budget_s`` seconds or ``steps`` steps (60 s when neither is given).
+        ``progress(TrainProgress)`` is called after every step from the calling thread;
+        ``cancel`` (threading.Event or callable) is checked every step: the round then ends
+        within one step and its model is kept (the earlier rounds' checkpoints are untouched).
+        ``reference`` ({image_id: labels}) adds validation Dice to the progress reports.
+        Returns a TrainResult.
+        """
+        from . import training as tr
+        from .checkpoint import save_checkpoint
+        from .losses import SparseLabelLoss
+        from .networks import build_network, load_preset, plan_network
+        from .normalization import normalize
+        from .sampling import PatchSampler, TrainingImage
+
+        with self._lock:
+            ids = image_ids or self.labeled_image_ids()
+            data = [(i, self.labels(i)) for i in ids]
+            data = [(i, lab) for i, lab in data if lab.any()]
+            if not data:
+                raise LabelError("no labels painted yet: paint strokes of at least two classes "
+                                 "on at least one image before training")
+            painted = sorted({int(v) for _, lab in data for v in np.unique(lab) if v})
+            if len(painted) < 2:
+                only = self.class_names[painted[0] - 1]
+                raise LabelError(f"only class '{only}' is painted; paint at least two classes "
+                                 f"so the network has something to tell apart")
+            preset_name = preset or self.preset
+            pre = load_preset(preset_name)
+            if pre["dims"] != self.dims:
+                raise TrainingError(f"network preset '{preset_name}' is {pre['dims']}D but the "
+                                    f"project is {self.dims}D")
+            norm = self._meta["normalization"]
+            images = [TrainingImage(normalize(self.image(i).array, norm), lab, i) for i, lab in data]
+            spacing = self.geometry(data[0][0]).spacing
+            biggest = tuple(int(v) for v in np.max([ti.labels.shape for ti in images], axis=0))
+            plan = plan_network(pre, self.channels, self.n_classes, spacing=spacing,
+                                image_shape=biggest if self.dims == 3 else biggest[1:])
+            device_t = tr.select_device(device)
+            tr.seed_everything(seed)
+            model = build_network(plan)
+            warm = self._warm_start(model, plan)
+            anisotropic = self.dims == 3 and max(spacing) > 2 * min(spacing)
+            sampler = PatchSampler(images, self.n_classes, plan.patch_size, self.dims, seed=seed,
+                                   in_plane_aug_only=anisotropic or self.dims == 2)
+            pw = 1.0 if pairwise_weight is None else pairwise_weight
+            loss_fn = SparseLabelLoss(pairwise_weight=pw, in_plane_only=anisotropic)
+            round_index = self.round + 1
+            validate = None
+            if reference:
+                validate = self._validator(model, plan, device_t, reference)
+            logf = self._logger()
+            logf({"event": "train_start", "round": round_index, "preset": preset_name,
+                  "images": ids, "device": str(device_t), "warm_start": warm,
+                  "steps": steps, "time_budget_s": time_budget_s, "patch_size": plan.patch_size})
+            n_steps, seconds, last_loss, cancelled, val = tr.run_training(
+                model, sampler, loss_fn, device=device_t, round_index=round_index,
+                batch_size=int(pre["batch_size"]), learning_rate=float(pre["learning_rate"]),
+                steps=steps, time_budget_s=time_budget_s, progress=progress, cancel=cancel,
+                validate=validate, log=logf, seed=seed)
+            ckpt = None
+            if n_steps > 0:
+                name = f"round_{round_index:03d}"
+                meta = {"preset": preset_name, "plan": plan.to_json(), "classes": self.classes,
+                        "channels": self.channels, "dims": self.dims,
+                        "normalization": norm, "round": round_index, "steps": n_steps,
+                        "seconds": round(seconds, 3), "final_loss": last_loss}
+                save_checkpoint(self.path / "checkpoints", name, model.state_dict(), meta)
+                ckpt = f"checkpoints/{name}"
+                self._meta["rounds"].append({
+                    "round": round_index, "finished": _now(), "preset": preset_name,
+                    "steps": n_steps, "seconds": round(seconds, 3), "final_loss": last_loss,
+                    "cancelled": cancelled, "checkpoint": ckpt, "device": str(device_t),
+                    "warm_start": warm, "images": ids, "val_dice": val,
+                    "labeled_pixels": _counts_total(data, self.n_classes)})
+                self.save()
+                self._model = (round_index, plan, model.eval())
+            result = tr.TrainResult(round=round_index if n_steps else self.round, steps=n_steps,
+                                    seconds=seconds, final_loss=last_loss, cancelled=cancelled,
+                                    checkpoint=ckpt, device=str(device_t), val_dice=val)
+            logf({"event": "train_end", "round": round_index, "steps": n_steps,
+                  "seconds": round(seconds, 3), "cancelled": cancelled, "checkpoint": ckpt})
+            if progress is not None:
+                progress(tr.TrainProgress(round=round_index, step=n_steps, total_steps=steps,
+                                          elapsed_s=seconds, eta_s=0.0, loss=last_loss or 0.0,
+                                          throughput=0.0, val_dice=val,
+                                          phase="cancelled" if cancelled else "done",
+                                          device=str(device_t)))
+            return result
+
+    def _warm_start(self, model, plan) -> str | None:
+        """Load the newest readable checkpoint's matching weights; returns its name or None.
+
+        Layers whose shapes changed (a class added, other channels) start fresh; a damaged
+        newest checkpoint falls back to the round before it, with a warning.
+        """
+        from .checkpoint import load_checkpoint
+
+        for r in reversed(self._meta["rounds"]):
+            if not r.get("checkpoint"):
+                continue
+            d, name = self._ckpt_location(r["checkpoint"])
+            try:
+                state, _ = load_checkpoint(d, name)
+            except CheckpointError as e:
+                log.warning("warm start skips %s: %s", r["checkpoint"], e)
+                continue
+            own = model.state_dict()
+            usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+            if not usable:
+                return None
+            model.load_state_dict(usable, strict=False)
+            return r["checkpoint"]
+        return None
+
+    def _ckpt_location(self, rel: str) -> tuple[Path, str]:
+        p = self.path / rel
+        return p.parent, p.name
+
+    def _validator(self, model, plan, device, reference: dict):
+        from .metrics import dice_per_class
+        from .normalization import normalize
+        from .inference import predict_image
+
+        refs = {i: self._check_reference(i, r) for i, r in reference.items()}
+        imgs = {i: normalize(self.image(i).array, self._meta["normalization"]) for i in refs}
+
+        def validate() -> dict[str, float]:
+            scores = []
+            for i, ref in refs.items():
+                pred = predict_image(model, imgs[i], plan, device, self.n_classes).labels
+                scores.append(dice_per_class(pred, ref, self.n_classes))
+            mean = np.nanmean(np.stack(scores), axis=0)
+            return {n: float(v) for n, v in zip(self.class_names, mean) if np.isfinite(v)}
+        return validate
+
+    def _check_reference(self, image_id: str, reference) -> np.ndarray:
+        shape = tuple(self._entry(image_id)["shape"][:3])
+        ref = np.asarray(reference)
+        if ref.ndim == 2 and shape[0] == 1:
+            ref = ref[None]
+        if ref.shape != shape:
+            raise LabelError(f"reference for image '{image_id}' has shape {ref.shape}, "
+                             f"image is {shape}")
+        if ref.size and int(ref.max()) > self.n_classes:
+            raise LabelError(f"reference for image '{image_id}' contains value {int(ref.max())} "
+                             f"> {self.n_classes} classes")
+        return ref.astype(np.uint8)
+
+    def _logger(self) -> Callable[[dict], None]:
+        path = self.path / "train_log.jsonl"
+
+        def write(rec: dict) -> None:
+            rec = {"time": _now(), **rec}
+            try:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec, default=float) + "\n")
+            except OSError as e:  # a full disk must not stop training; the model save will tell
+                log.warning("cannot append to '%s': %s", path, e)
+        return write
+
+    def training_log(self) -> list[dict]:
+        """Records of train_log.jsonl; a torn last line (crash mid-write) is skipped."""
+        path = self.path / "train_log.jsonl"
+        out = []
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    # ---------------------------------------------------------------- prediction
+    def load_model(self, round: int | None = None, device: str = "auto"):
+        """(round, plan, model) for ``round`` (default: the latest trained round)."""
+        from . import training as tr
+        from .checkpoint import load_checkpoint
+        from .networks import NetworkPlan, build_network
+
+        done = [r for r in self._meta["rounds"] if r.get("checkpoint")]
+        if not done:
+            raise CheckpointError(f"project '{self.path}' has no trained model yet; train first")
+        if round is None:
+            entry = done[-1]
+        else:
+            match = [r for r in done if r["round"] == round]
+            if not match:
+                raise CheckpointError(f"no model for round {round} (rounds with models: "
+                                      f"{[r['round'] for r in done]})")
+            entry = match[0]
+        device_t = tr.select_device(device)
+        cached = self._model
+        if cached is not None and cached[0] == entry["round"]:
+            return cached[0], cached[1], cached[2].to(device_t)
+        d, name = self._ckpt_location(entry["checkpoint"])
+        try:
+            state, meta = load_checkpoint(d, name)
+        except CheckpointError as e:
+            earlier = [r["round"] for r in done if r["round"] < entry["round"]]
+            hint = (f"; the model of round {earlier[-1]} is intact: predict with round="
+                    f"{earlier[-1]} or train again" if earlier else "; train again")
+            raise CheckpointError(f"{e}{hint}") from None
+        plan = NetworkPlan.from_json(meta["plan"])
+        if plan.out_channels != self.n_classes:
+            log.warning("model of round %s predicts %d classes, project has %d",
+                        entry["round"], plan.out_channels, self.n_classes)
+        model = build_network(plan)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint '{d / name}' does not fit its network plan: {e}") from None
+        model.eval().to(device_t)
+        self._model = (entry["round"], plan, model)
+        return self._model
+
+    def predict_full(self, image_id: str, device: str = "auto", round: int | None = None,
+                     save: bool = True, keep_strokes: bool = True, cancel: Any = None,
+                     progress: Callable[[float], None] | None = None):
+        """Prediction of one image: .labels (S,Y,X) uint8 1..K, .probabilities (K,S,Y,X) float16,
+        .entropy (S,Y,X) float16 in [0, 1].
+
+        ``keep_strokes``: painted pixels keep their painted class in .labels (the person's
+        strokes win over the network). ``save`` writes predictions/round_NNN/<id>.nrrd (and a
+        TIFF for 2D) plus the uncertainty map; the labels file is never touched.
+        """
+        from . import training as tr
+        from .inference import predict_image
+        from .normalization import normalize
+
+        with self._lock:
+            r, plan, model = self.load_model(round=round, device=device)
+            image = self.image(image_id)
+            if image.channels != plan.in_channels:
+                raise TrainingError(f"image '{image_id}' has {image.channels} channels, the model "
+                                    f"of round {r} expects {plan.in_channels}")
+            x = normalize(image.array, self._meta["normalization"])
+            device_t = next(model.parameters()).device
+            try:
+                pred = predict_image(model, x, plan, device_t, plan.out_channels,
+                                     cancel=tr.cancel_checker(cancel), progress=progress)
+            except InterruptedError:
+                raise TrainingError(f"prediction of '{image_id}' was cancelled") from None
+            del x
+            if keep_strokes:
+                lab = self.labels(image_id)
+                painted = lab > 0
+                if painted.any():
+                    pred.labels[painted] = lab[painted]
+            if save:
+                self._save_prediction(image_id, r, pred)
+            return pred
+
+    def predict(self, image_id: str, device: str = "auto", save: bool = True, **kw) -> np.ndarray:
+        """Label map (S, Y, X) uint8 with values 1..K, on the image's grid."""
+        return self.predict_full(image_id, device=device, save=save, **kw).labels
+
+    def predict_proba(self, image_id: str, device: str = "auto", **kw) -> np.ndarray:
+        """Per-class probabilities (K, S, Y, X) float16."""
+        kw.setdefault("save", False)
+        return self.predict_full(image_id, device=device, **kw).probabilities
+
+    def _save_prediction(self, image_id: str, round_index: int, pred) -> None:
+        d = self.path / "predictions" / f"round_{round_index:03d}"
+        geom = self.geometry(image_id)
+        imageio.write_labels(d / f"{image_id}.nrrd", pred.labels, geom)
+        if self.dims == 2:
+            imageio.write_labels(d / f"{image_id}.tif", pred.labels, geom)
+        imageio.write_float_map(d / f"{image_id}_uncertainty.nrrd", pred.entropy, geom)
+
+    def prediction_path(self, image_id: str, round: int | None = None) -> Path | None:
+        r = self.round if round is None else round
+        p = self.path / "predictions" / f"round_{r:03d}" / f"{image_id}.nrrd"
+        return p if p.exists() else None
+
+    def saved_prediction(self, image_id: str, round: int | None = None) -> np.ndarray | None:
+        p = self.prediction_path(image_id, round)
+        return imageio.read_labels(p)[0] if p else None
+
+    # ---------------------------------------------------------------- measuring
+    def evaluate(self, references: dict, predict_missing: bool = True) -> dict:
+        """Dice, Jaccard, 95% Hausdorff and mean surface distance per class, per image.
+
+        ``references``: {image_id: label map (values 1..K, 0 = not annotated, ignored)}.
+        Uses the saved prediction of the latest round, predicting it when missing.
+        """
+        from .metrics import evaluate_labels
+
+        out = {"round": self.round, "images": {}}
+        per_class: dict[str, list[float]] = {n: [] for n in self.class_names}
+        for image_id, ref in references.items():
+            ref = self._check_reference(image_id, ref)
+            pred = self.saved_prediction(image_id)
+            if pred is None:
+                if not predict_missing:
+                    raise ProjectError(f"image '{image_id}' has no prediction for round {self.round}")
+                pred = self.predict(image_id)
+            rep = evaluate_labels(pred, ref, self.class_names,
+                                  spacing=self.geometry(image_id).spacing, dims=self.dims)
+            out["images"][image_id] = rep
+            for n in self.class_names:
+                d = rep.get("classes", {}).get(n, {}).get("dice")
+                if d is not None and np.isfinite(d):
+                    per_class[n].append(float(d))
+        out["mean_dice"] = {n: float(np.mean(v)) for n, v in per_class.items() if v}
+        return out
+
+    def class_fractions(self, image_ids: list[str] | None = None, csv_path=None,
+                        predict_missing: bool = True) -> list[dict]:
+        """Per image and class: pixel count, fraction, physical area (2D) or volume (3D)."""
+        from .fractions import class_fractions, write_fractions_csv
+
+        rows = []
+        for image_id in image_ids or self.image_ids:
+            pred = self.saved_prediction(image_id)
+            if pred is None:
+                if not predict_missing:
+                    continue
+                pred = self.predict(image_id)
+            rows += class_fractions(pred, self.class_names, self.geometry(image_id).spacing,
+                                    self.dims, self._entry(image_id)["name"])
+        if csv_path is not None:
+            write_fractions_csv(csv_path, rows)
+        return rows
+
+    def export(self, out_dir, image_ids: list[str] | None = None, fmt: str = "nrrd",
+               predict_missing: bool = True) -> list[Path]:
+        """Write the latest prediction of each image to ``out_dir`` as NRRD or TIFF."""
+        fmt = fmt.lower().lstrip(".")
+        if fmt not in ("nrrd", "tif", "tiff", "nii.gz", "mha"):
+            raise ProjectError(f"export format '{fmt}' is not one of nrrd, tif, nii.gz, mha")
+        out_dir = Path(out_dir)
+        written = []
+        for image_id in image_ids or self.image_ids:
+            pred = self.saved_prediction(image_id)
+            if pred is None:
+                if not predict_missing:
+                    continue
+                pred = self.predict(image_id)
+            p = out_dir / f"{image_id}.{fmt}"
+            imageio.write_labels(p, pred, self.geometry(image_id))
+            written.append(p)
+        return written
+
+    def __repr__(self) -> str:
+        return (f"Project('{self.path}', classes={self.class_names}, dims={self.dims}, "
+                f"images={len(self.image_ids)}, round={self.round})")
+
+
+def _counts(arr: np.ndarray, k: int) -> dict[str, int]:
+    c = np.bincount(arr.ravel().astype(np.int64), minlength=k + 1)
+    return {str(i): int(c[i]) for i in range(1, k + 1) if c[i]}
+
+
+def _counts_total(data, k: int) -> dict[str, int]:
+    total = np.zeros(k + 1, dtype=np.int64)
+    for _, lab in data:
+        total += np.bincount(lab.ravel(), minlength=k + 1)[: k + 1]
+    return {str(i): int(total[i]) for i in range(1, k + 1)}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
