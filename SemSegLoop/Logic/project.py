@@ -635,7 +635,7 @@ class Project:
     def class_fractions(self, image_ids: list[str] | None = None, csv_path=None,
                         predict_missing: bool = True) -> list[dict]:
         """Per image and class: pixel count, fraction, physical area (2D) or volume (3D)."""
-        from .fractions import class_fractions, write_fractions_csv
+        from .class_fractions import class_fractions, write_fractions_csv
 
         rows = []
         for image_id in image_ids or self.image_ids:
