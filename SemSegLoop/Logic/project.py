@@ -225,7 +225,7 @@ class Project:
                                  f"'{self.path.name}' has {self.channels}")
         if not self._meta.get("normalization"):
             from .normalization import detect_normalization
-            self._meta["normalization"] = detect_normalization(image)
+            self._meta["normalization"] = detect_normalization(image, dims=self.dims)
         image_id = self._new_id(name)
         entry = {"id": image_id, "name": name, "shape": list(image.array.shape),
                  "dtype": str(image.array.dtype), "geometry": image.geometry.to_json(),
