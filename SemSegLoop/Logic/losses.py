@@ -66,9 +66,9 @@ def pairwise_potts_loss(probs: torch.Tensor, image: torch.Tensor, sigma: float =
     count = 0
     for shift in _shifts(dims, radii, in_plane_only):
         p_a, p_b = _overlap(probs, shift)
-        i_a, i_b = _overlap(img, shift)
-        dist2 = ((i_a - i_b) ** 2).sum(dim=1)
-        w = torch.exp(-dist2 / (2 * sigma ** 2))
+        with torch.no_grad():  # the gate depends on the image only
+            i_a, i_b = _overlap(img, shift)
+            w = torch.exp(((i_a - i_b) ** 2).sum(dim=1) * (-0.5 / sigma ** 2))
         agree = (p_a * p_b).sum(dim=1)
         total = total + (w * (1.0 - agree)).mean()
         count += 1
@@ -109,7 +109,8 @@ class SparseLabelLoss:
 
     def __init__(self, pairwise_weight: float = 1.0, entropy_weight: float = 0.0,
                  sigma: float = 0.15, warmup_steps: int = 30, in_plane_only: bool = False,
-                 class_weights: torch.Tensor | None = None):
+                 class_weights: torch.Tensor | None = None, image_channels: int | None = None):
+        self.image_channels = image_channels  # the gate looks at the image, not derived features
         self.pairwise_weight = pairwise_weight
         self.entropy_weight = entropy_weight
         self.sigma = sigma
@@ -125,7 +126,8 @@ class SparseLabelLoss:
         if self.pairwise_weight > 0 or self.entropy_weight > 0:
             probs = torch.softmax(logits.float(), dim=1)
             if self.pairwise_weight > 0:
-                pw = pairwise_potts_loss(probs, image, self.sigma, in_plane_only=self.in_plane_only)
+                img = image[:, :self.image_channels] if self.image_channels else image
+                pw = pairwise_potts_loss(probs, img, self.sigma, in_plane_only=self.in_plane_only)
                 loss = loss + ramp * self.pairwise_weight * pw
                 parts["pairwise"] = float(pw.detach())
             if self.entropy_weight > 0:

@@ -337,7 +337,6 @@ class Project:
         from .checkpoint import save_checkpoint
         from .losses import SparseLabelLoss
         from .networks import build_network, load_preset, plan_network
-        from .normalization import normalize
         from .sampling import PatchSampler, TrainingImage
 
         with self._lock:
@@ -358,20 +357,22 @@ class Project:
                 raise TrainingError(f"network preset '{preset_name}' is {pre['dims']}D but the "
                                     f"project is {self.dims}D")
             norm = self._meta["normalization"]
-            images = [TrainingImage(normalize(self.image(i).array, norm), lab, i) for i, lab in data]
             spacing = self.geometry(data[0][0]).spacing
-            biggest = tuple(int(v) for v in np.max([ti.labels.shape for ti in images], axis=0))
+            biggest = tuple(int(v) for v in np.max([lab.shape for _, lab in data], axis=0))
             plan = plan_network(pre, self.channels, self.n_classes, spacing=spacing,
                                 image_shape=biggest if self.dims == 3 else biggest[1:])
+            images = [TrainingImage(self._network_input(i, plan), lab, i) for i, lab in data]
             device_t = tr.select_device(device)
             tr.seed_everything(seed)
             model = build_network(plan)
             warm = self._warm_start(model, plan)
             anisotropic = self.dims == 3 and max(spacing) > 2 * min(spacing)
             sampler = PatchSampler(images, self.n_classes, plan.patch_size, self.dims, seed=seed,
-                                   in_plane_aug_only=anisotropic or self.dims == 2)
+                                   in_plane_aug_only=anisotropic or self.dims == 2,
+                                   image_channels=self.channels)
             pw = 1.0 if pairwise_weight is None else pairwise_weight
-            loss_fn = SparseLabelLoss(pairwise_weight=pw, in_plane_only=anisotropic)
+            loss_fn = SparseLabelLoss(pairwise_weight=pw, in_plane_only=anisotropic,
+                                      image_channels=self.channels)
             round_index = self.round + 1
             validate = None
             if reference:
@@ -414,6 +415,18 @@ class Project:
                                           phase="cancelled" if cancelled else "done",
                                           device=str(device_t)))
             return result
+
+    def _network_input(self, image_id: str, plan) -> np.ndarray:
+        """Normalised image plus the plan's scale-space features, (S, Y, X, C_net) float32."""
+        from .networks import network_input
+        from .normalization import normalize
+
+        x = normalize(self.image(image_id).array, self._meta["normalization"])
+        if not plan.stem_sigmas:
+            return x
+        if self.dims == 2:
+            return np.stack([network_input(x[s], plan) for s in range(x.shape[0])])
+        return network_input(x, plan)
 
     def _warm_start(self, model, plan) -> str | None:
         """Load the newest readable checkpoint's matching weights; returns its name or None.

@@ -27,7 +27,8 @@ class PatchSampler:
     """
 
     def __init__(self, images: list[TrainingImage], n_classes: int, patch_size, dims: int,
-                 seed: int = 0, augment: bool = True, in_plane_aug_only: bool = True):
+                 seed: int = 0, augment: bool = True, in_plane_aug_only: bool = True,
+                 image_channels: int | None = None):
         self.images = images
         self.n_classes = n_classes
         self.patch = tuple(int(p) for p in patch_size)
@@ -35,6 +36,8 @@ class PatchSampler:
         self.rng = np.random.default_rng(seed)
         self.augment = augment
         self.in_plane_aug_only = in_plane_aug_only
+        # Channels past these are derived features: they get the gain, not the brightness shift.
+        self.image_channels = image_channels
         # Flat indices of painted pixels per class per image: sampling is O(1) per patch.
         self.by_class: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(n_classes + 1)]
         for i, ti in enumerate(images):
@@ -95,10 +98,13 @@ class PatchSampler:
             k = int(self.rng.integers(4))
             img = np.rot90(img, k, axes=(plane[0] + 1, plane[1] + 1))
             lab = np.rot90(lab, k, axes=plane)
-        # Intensity jitter per channel: contrast and brightness, as between scanner sessions.
-        gain = self.rng.uniform(0.85, 1.15, size=(img.shape[0],) + (1,) * nd).astype(np.float32)
-        bias = self.rng.uniform(-0.1, 0.1, size=(img.shape[0],) + (1,) * nd).astype(np.float32)
-        img = img * gain + bias
+        # Intensity jitter: contrast and brightness, as between scanner sessions or stains.
+        # One gain for all channels keeps derived features consistent with the image.
+        c = self.image_channels or img.shape[0]
+        gain = np.float32(self.rng.uniform(0.85, 1.15))
+        bias = self.rng.uniform(-0.1, 0.1, size=(c,) + (1,) * nd).astype(np.float32)
+        img = img * gain
+        img[:c] += bias
         return np.ascontiguousarray(img), np.ascontiguousarray(lab)
 
 

@@ -1,0 +1,104 @@
+"""Scale-space input features for the UNet: Gaussian smoothing, gradient magnitude and Hessian
+eigenvalues (2D) or Laplacian (3D) at several scales, added to the image channels.
+
+Why: these are the features an ilastik-style random forest classifies, and a network trained
+for a minute on a laptop CPU cannot learn ridge and blob detectors at scale 8 from ~1% painted
+pixels. Handing them over lets the UNet spend its steps on context. They are computed with
+separable 1D filters in numpy (scipy), region by region, so memory follows the region, and the
+network plan records the scales so prediction computes exactly what training saw."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+
+@lru_cache(maxsize=64)
+def _kernels(sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Discrete Gaussian, first- and second-derivative kernels (correlation order), scaled
+    by sigma per derivative order (scale normalisation keeps feature ranges alike).
+
+    Exact on polynomials: g0 sums to 1, g1 gives 1 on f(x) = x, g2 gives 1 on x^2 / 2.
+    """
+    sigma = max(float(sigma), 0.3)
+    r = max(1, int(math.ceil(3 * sigma)))
+    k = np.arange(-r, r + 1, dtype=np.float64)
+    g = np.exp(-k ** 2 / (2 * sigma ** 2))
+    g0 = g / g.sum()
+    g1 = k * g
+    g1 = g1 / (k * g1).sum()
+    g2 = (k ** 2 - sigma ** 2) * g
+    g2 = g2 - g2.sum() / g.sum() * g
+    g2 = g2 / ((k ** 2) * g2).sum() * 2
+    return (g0.astype(np.float32), (g1 * sigma).astype(np.float32),
+            (g2 * sigma ** 2).astype(np.float32))
+
+
+def features_per_sigma(dims: int) -> int:
+    return 4 if dims == 2 else 3
+
+
+def feature_channels(dims: int, in_channels: int, sigmas) -> int:
+    """Channels the network sees: the image's own plus the filter bank's."""
+    if not sigmas:
+        return in_channels
+    return in_channels * (1 + features_per_sigma(dims) * len(sigmas))
+
+
+def axis_sigmas(sigma: float, spacing) -> list[float]:
+    """Sigma in voxels per axis; ``sigma`` is in voxels of the finest axis, so the filter is
+    isotropic in physical space on anisotropic volumes."""
+    finest = min(spacing)
+    return [sigma * finest / s for s in spacing]
+
+
+def add_features(x: np.ndarray, dims: int, sigmas, spacing=None) -> np.ndarray:
+    """(*spatial, C) float32 -> (*spatial, C * (1 + F * len(sigmas))) float32, image first.
+
+    ``spatial`` is (Y, X) for dims=2 and (Z, Y, X) for dims=3. 2D features per sigma and
+    channel: smoothed intensity, gradient magnitude, the two Hessian eigenvalues (F = 4).
+    3D: smoothed intensity, gradient magnitude, Laplacian (F = 3). Edges are extended
+    ('nearest'), as the prediction's sliding window sees them.
+    """
+    from scipy.ndimage import correlate1d
+
+    if not sigmas:
+        return x
+    sp = list(spacing[-dims:]) if spacing is not None else [1.0] * dims
+    C = x.shape[-1]
+    out = np.empty(x.shape[:-1] + (feature_channels(dims, C, sigmas),), np.float32)
+    out[..., :C] = x
+    col = C
+    for c in range(C):
+        img = np.ascontiguousarray(x[..., c], dtype=np.float32)
+        for sigma in sigmas:
+            ks = [_kernels(round(s, 4)) for s in axis_sigmas(sigma, sp)]
+
+            def f(a, ax, order):
+                return correlate1d(a, ks[ax][order], axis=ax, mode="nearest")
+            if dims == 2:
+                y0, y1, y2 = (f(img, 0, o) for o in (0, 1, 2))
+                L, Lx, Lxx = (f(y0, 1, o) for o in (0, 1, 2))
+                Ly, Lxy = f(y1, 1, 0), f(y1, 1, 1)
+                Lyy = f(y2, 1, 0)
+                half_tr = 0.5 * (Lxx + Lyy)
+                disc = np.sqrt(0.25 * (Lxx - Lyy) ** 2 + Lxy ** 2)
+                feats = (L, np.sqrt(Lx ** 2 + Ly ** 2), half_tr + disc, half_tr - disc)
+            else:
+                z0, z1, z2 = (f(img, 0, o) for o in (0, 1, 2))
+                z0y0 = f(z0, 1, 0)
+                L = f(z0y0, 2, 0)
+                Lx = f(z0y0, 2, 1)
+                Lxx = f(z0y0, 2, 2)
+                Ly = f(f(z0, 1, 1), 2, 0)
+                Lyy = f(f(z0, 1, 2), 2, 0)
+                z1y0, z2y0 = f(z1, 1, 0), f(z2, 1, 0)
+                Lz = f(z1y0, 2, 0)
+                Lzz = f(z2y0, 2, 0)
+                feats = (L, np.sqrt(Lx ** 2 + Ly ** 2 + Lz ** 2), Lxx + Lyy + Lzz)
+            for feat in feats:
+                out[..., col] = feat
+                col += 1
+    return out
