@@ -6,6 +6,7 @@ Ctrl-C during training stops at the next step and keeps the model trained so far
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -98,16 +99,25 @@ def _version() -> str:
 
 
 class _TrainBar:
-    """tqdm bar fed by TrainProgress (time- or step-based)."""
+    """tqdm bar fed by TrainProgress (time- or step-based). It appears with the first step, so
+    an error raised before training starts stays a single line."""
 
     def __init__(self, desc: str, total: float | None, unit: str):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit} [{elapsed}<{remaining}{postfix}]")
+        self.desc, self.total, self.unit = desc, total, unit
+        self.bar = None
         self.by_time = unit == "s"
 
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
     def __call__(self, p) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, file=sys.stderr,
+                            dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} "
+                            "{unit} [{elapsed}<{remaining}{postfix}]")
         value = p.elapsed_s if self.by_time else p.step
         if self.bar.total is not None:
             value = min(value, self.bar.total)
@@ -120,8 +130,13 @@ class _TrainBar:
             self.bar.close()
 
 
-def _cancel_on_sigint() -> threading.Event:
-    """First Ctrl-C asks training to stop after the current step; a second one aborts."""
+@contextlib.contextmanager
+def _cancel_on_sigint():
+    """First Ctrl-C asks training to stop after the current step; a second one aborts.
+
+    The previous handler comes back afterwards (main() also runs inside Slicer's console and
+    notebooks); off the main thread, where signals cannot be caught, Ctrl-C simply aborts.
+    """
     ev = threading.Event()
 
     def handler(signum, frame):
@@ -129,8 +144,14 @@ def _cancel_on_sigint() -> threading.Event:
             raise KeyboardInterrupt
         ev.set()
         print("\nstopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
-    signal.signal(signal.SIGINT, handler)
-    return ev
+    if threading.current_thread() is not threading.main_thread():
+        yield ev
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield ev
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_init(a) -> int:
@@ -156,9 +177,13 @@ def cmd_add(a) -> int:
         raise SemSegLoopError(f"--labels gives {len(a.labels)} files for {len(a.images)} images")
     for n, path in enumerate(tqdm(a.images, desc="adding", unit="image", file=sys.stderr,
                                   disable=len(a.images) < 3)):
+        # Labels are read and checked first, so a bad labels file adds nothing.
+        labels = imageio.read_labels(a.labels[n])[0] if a.labels else None
+        if labels is not None:
+            image = imageio.read_image(path, dims=proj.dims)
+            proj.check_labels(image.array.shape[:3], labels, f"labels '{a.labels[n]}'")
         image_id = proj.add_image(path, spacing=a.spacing, copy=not a.reference)
-        if a.labels:
-            labels, geom = imageio.read_labels(a.labels[n])
+        if labels is not None:
             proj.set_labels(image_id, labels)
         print(f"{image_id}\t{path}")
     return 0
@@ -173,9 +198,12 @@ def cmd_train(a) -> int:
         budget = 60.0
     bar = _TrainBar(f"round {proj.round + 1}", a.steps if a.steps else budget,
                     "steps" if a.steps else "s")
-    cancel = _cancel_on_sigint()
-    res = proj.train(time_budget_s=budget, steps=a.steps, device=a.device, progress=bar,
-                     cancel=cancel, seed=a.seed, preset=a.preset)
+    with _cancel_on_sigint() as cancel:
+        try:
+            res = proj.train(time_budget_s=budget, steps=a.steps, device=a.device, progress=bar,
+                             cancel=cancel, seed=a.seed, preset=a.preset)
+        finally:
+            bar.close()
     state = "stopped early" if res.cancelled else "done"
     print(f"round {res.round} {state}: {res.steps} steps in {res.seconds:.1f} s on {res.device}, "
           f"final loss {res.final_loss if res.final_loss is None else round(res.final_loss, 4)}, "

@@ -281,31 +281,34 @@ class Project:
         checked against the image's so labels painted on another grid are refused.
         """
         entry = self._entry(image_id)
-        shape = tuple(entry["shape"][:3])
-        arr = np.asarray(labels)
-        if arr.dtype.kind not in "uib":
-            raise LabelError(f"labels for image '{image_id}' must be integers, got {arr.dtype}")
-        if arr.ndim == 2 and shape[0] == 1:
-            arr = arr[None]
-        if arr.shape != shape:
-            raise LabelError(f"labels for image '{image_id}' have shape {arr.shape} but the image "
-                             f"is {shape} (slices, y, x)")
+        arr = self.check_labels(tuple(entry["shape"][:3]), labels, f"labels for image '{image_id}'")
         if geometry is not None and not geometry.matches(self.geometry(image_id), tol=1e-3):
             raise LabelError(f"labels for image '{image_id}' are on a different grid "
                              f"(spacing/origin/direction {geometry.to_json()} vs "
                              f"{self.geometry(image_id).to_json()})")
-        if arr.size:
-            lo, hi = int(arr.min()), int(arr.max())
-            if lo < 0 or hi > self.n_classes:
-                bad = hi if hi > self.n_classes else lo
-                raise LabelError(f"labels for image '{image_id}' contain value {bad}; values must "
-                                 f"be 0 (unlabeled) or 1..{self.n_classes} "
-                                 f"({', '.join(self.class_names)})")
         imageio.write_labels(self._labels_path(image_id), arr.astype(np.uint8),
                              self.geometry(image_id))
         entry["labeled_pixels"] = _counts(arr, self.n_classes)
         entry["labels_updated"] = _now()
         self.save()
+
+    def check_labels(self, shape: tuple, labels, what: str) -> np.ndarray:
+        """Validate a label map for an image of (S, Y, X) ``shape``; returns it as (S, Y, X)."""
+        arr = np.asarray(labels)
+        if arr.dtype.kind not in "uib":
+            raise LabelError(f"{what} must be integers, got {arr.dtype}")
+        if arr.ndim == 2 and shape[0] == 1:
+            arr = arr[None]
+        if arr.shape != tuple(shape):
+            raise LabelError(f"{what} have shape {arr.shape} but the image is {tuple(shape)} "
+                             f"(slices, y, x)")
+        if arr.size:
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi > self.n_classes:
+                bad = hi if hi > self.n_classes else lo
+                raise LabelError(f"{what} contain value {bad}; values must be 0 (unlabeled) or "
+                                 f"1..{self.n_classes} ({', '.join(self.class_names)})")
+        return arr
 
     def labels(self, image_id: str) -> np.ndarray:
         entry = self._entry(image_id)

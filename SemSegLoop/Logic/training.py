@@ -67,8 +67,19 @@ def select_device(device: str = "auto"):
     if device not in ("cpu", "mps") and not device.startswith("cuda"):
         raise TrainingError(f"device='{device}' is not one of auto, cpu, cuda, mps")
     if device == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(cpu_threads())
     return torch.device(device)
+
+
+def cpu_threads() -> int:
+    """Cores this process may use ($SEMSEGLOOP_THREADS overrides, e.g. to leave one to the GUI)."""
+    env = os.environ.get("SEMSEGLOOP_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
 
 
 def cancel_checker(cancel: Any) -> Callable[[], bool]:

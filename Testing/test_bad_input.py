@@ -1,0 +1,347 @@
+"""Bad input gives a clear error that names what is wrong, and nothing already in the project is
+lost: unreadable files, mismatched or invalid labels, NaN pixels, damaged checkpoints and
+project files, a cancel in the middle of a step, and a disk that fills up while saving."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+
+import semsegloop
+import semsegloop.atomic
+from helpers_engine import make_square_project, square_image, tiny_models  # noqa: F401
+from semsegloop import (CheckpointError, ImageReadError, LabelError, ProjectError,
+                        SemSegLoopError)
+from semsegloop.imageio import Geometry
+
+
+@pytest.fixture
+def project(tmp_path):
+    proj = semsegloop.Project.create(tmp_path / "p", ["tumour", "healthy", "air"], dims=2)
+    image_id = proj.add_image(square_image(48)[0], name="slice")
+    return proj, image_id
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# ------------------------------------------------------------------------------ files
+
+def test_garbage_png_is_an_image_read_error_naming_the_file(project, tmp_path):
+    proj, _ = project
+    bad = tmp_path / "scan_0001.png"
+    bad.write_bytes(b"\x89PNG but then nothing sensible" * 3)
+    with pytest.raises(ImageReadError, match="scan_0001.png"):
+        proj.add_image(bad)
+    assert len(semsegloop.Project.open(proj.path).image_ids) == 1
+
+
+def test_unsupported_extension_is_an_image_read_error_naming_it(project, tmp_path):
+    proj, _ = project
+    bad = tmp_path / "points.xyz"
+    bad.write_text("1 2 3\n4 5 6\n")
+    with pytest.raises(ImageReadError, match=r"points\.xyz") as info:
+        proj.add_image(bad)
+    assert ".xyz" in str(info.value) and "supported" in str(info.value)
+
+
+def test_missing_file_is_an_image_read_error_naming_it(project, tmp_path):
+    proj, _ = project
+    with pytest.raises(ImageReadError, match="gone.tif"):
+        proj.add_image(tmp_path / "gone.tif")
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_pixels_are_refused_naming_the_image(project, bad_value):
+    proj, _ = project
+    img = square_image(48)[0]
+    img[10, 20] = bad_value
+    with pytest.raises(ImageReadError, match="mri_slice") as info:
+        proj.add_image(img, name="mri_slice")
+    assert "NaN/Inf" in str(info.value) and "(0, 10, 20" in str(info.value)
+    assert len(proj.image_ids) == 1
+    assert len(semsegloop.Project.open(proj.path).image_ids) == 1
+
+
+# ------------------------------------------------------------------------------ labels
+
+def test_labels_of_the_wrong_shape_are_refused_naming_the_image(project):
+    proj, image_id = project
+    with pytest.raises(LabelError, match=image_id) as info:
+        proj.set_labels(image_id, np.zeros((48, 40), np.uint8))
+    assert "(1, 48, 40)" in str(info.value) and "(1, 48, 48)" in str(info.value)
+    assert not (proj.path / "labels" / f"{image_id}.nrrd").exists()
+
+
+def test_labels_on_another_grid_are_refused(project):
+    proj, image_id = project
+    other = Geometry((1.0, 0.5, 0.5), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    with pytest.raises(LabelError, match="different grid"):
+        proj.set_labels(image_id, np.zeros((48, 48), np.uint8), geometry=other)
+
+
+def test_label_value_above_the_number_of_classes_is_refused(project):
+    proj, image_id = project
+    lab = np.zeros((48, 48), np.uint8)
+    lab[3, 3] = 1
+    lab[4, 4] = 4                      # three classes: 4 does not exist
+    with pytest.raises(LabelError, match="value 4") as info:
+        proj.set_labels(image_id, lab)
+    assert image_id in str(info.value) and "tumour" in str(info.value)
+    assert not proj.labels(image_id).any()
+
+
+def test_float_labels_are_refused(project):
+    proj, image_id = project
+    with pytest.raises(LabelError, match="integers"):
+        proj.set_labels(image_id, np.zeros((48, 48), np.float32))
+
+
+def test_only_one_class_painted_says_paint_at_least_two(project):
+    proj, image_id = project
+    lab = np.zeros((48, 48), np.uint8)
+    lab[10:20, 10:20] = 2
+    proj.set_labels(image_id, lab)
+    with pytest.raises(LabelError, match="at least two") as info:
+        proj.train(steps=1, device="cpu")
+    assert "healthy" in str(info.value)
+    assert proj.round == 0 and proj.rounds == []
+
+
+def test_no_labels_at_all_says_paint_first(project):
+    proj, image_id = project
+    with pytest.raises(LabelError, match="no labels"):
+        proj.train(steps=1, device="cpu")
+    proj.set_labels(image_id, np.zeros((48, 48), np.uint8))   # an all-zero map is still nothing
+    with pytest.raises(LabelError, match="no labels"):
+        proj.train(steps=1, device="cpu")
+    assert not (proj.path / "checkpoints").exists() or not any((proj.path / "checkpoints").iterdir())
+
+
+def test_reference_with_the_wrong_shape_or_values_is_refused(tmp_path, tiny_models):
+    proj, image_id, ref = make_square_project(tmp_path / "p")
+    with pytest.raises(LabelError, match="shape"):
+        proj.train(steps=1, device="cpu", reference={image_id: ref[:, :10]})
+    bad = ref.copy()
+    bad[0, 0, 0] = 9
+    with pytest.raises(LabelError, match="9"):
+        proj.train(steps=1, device="cpu", reference={image_id: bad})
+    assert proj.round == 0
+
+
+# ------------------------------------------------------------------------------ project files
+
+def test_a_folder_that_is_not_a_project(tmp_path):
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(ProjectError, match="project.json"):
+        semsegloop.Project.open(tmp_path / "photos")
+    with pytest.raises(ProjectError, match="does not exist"):
+        semsegloop.Project.open(tmp_path / "nothing_here")
+
+
+@pytest.mark.parametrize("content", ["{not json at all", "", "[1, 2, 3]",
+                                     '{"format": "something-else", "version": 1}',
+                                     '{"format": "semsegloop-project", "version": 1}'])
+def test_damaged_project_json_is_a_project_error_naming_it(tmp_path, content):
+    semsegloop.Project.create(tmp_path / "p", ["a", "b"])
+    (tmp_path / "p" / "project.json").write_text(content)
+    with pytest.raises(ProjectError, match="project.json"):
+        semsegloop.Project.open(tmp_path / "p")
+
+
+def test_binary_garbage_project_json_is_a_project_error(tmp_path):
+    semsegloop.Project.create(tmp_path / "p", ["a", "b"])
+    (tmp_path / "p" / "project.json").write_bytes(os.urandom(256) + b"\xff\xfe")
+    with pytest.raises(ProjectError, match="project.json"):
+        semsegloop.Project.open(tmp_path / "p")
+
+
+def test_newer_format_version_asks_to_upgrade(tmp_path):
+    semsegloop.Project.create(tmp_path / "p", ["a", "b"])
+    f = tmp_path / "p" / "project.json"
+    meta = json.loads(f.read_text())
+    meta["version"] = meta["version"] + 1
+    f.write_text(json.dumps(meta))
+    with pytest.raises(ProjectError, match="project.json") as info:
+        semsegloop.Project.open(tmp_path / "p")
+    assert "newer" in str(info.value)
+
+
+def test_bad_project_settings_name_the_setting(tmp_path):
+    with pytest.raises(ProjectError, match="at least two classes"):
+        semsegloop.Project.create(tmp_path / "a", ["only"])
+    with pytest.raises(ProjectError, match="unique"):
+        semsegloop.Project.create(tmp_path / "b", ["x", "x"])
+    with pytest.raises(ProjectError, match="dims"):
+        semsegloop.Project.create(tmp_path / "c", ["x", "y"], dims=4)
+    with pytest.raises(ProjectError, match="normalization.method"):
+        semsegloop.Project.create(tmp_path / "d", ["x", "y"], normalization={"method": "magic"})
+    with pytest.raises(ProjectError, match="colours"):
+        semsegloop.Project.create(tmp_path / "e", ["x", "y"], colors=[(1, 2, 3)])
+    semsegloop.Project.create(tmp_path / "f", ["x", "y"])
+    with pytest.raises(ProjectError, match="already holds a project"):
+        semsegloop.Project.create(tmp_path / "f", ["z", "w"])
+    assert semsegloop.Project.open(tmp_path / "f").class_names == ["x", "y"]
+
+
+def test_unknown_image_id_names_the_known_ones(project):
+    proj, image_id = project
+    with pytest.raises(ProjectError, match=image_id) as info:
+        proj.labels("no_such_image")
+    assert "no_such_image" in str(info.value)
+
+
+def test_missing_image_file_in_a_project_is_named(project):
+    proj, image_id = project
+    (proj.path / "images" / f"{image_id}.nrrd").unlink()
+    with pytest.raises(ImageReadError, match=f"{image_id}.nrrd"):
+        semsegloop.Project.open(proj.path).image(image_id)
+
+
+def test_damaged_labels_file_is_named_not_silently_emptied(project):
+    proj, image_id = project
+    lab = np.zeros((48, 48), np.uint8)
+    lab[1, 1] = 1
+    proj.set_labels(image_id, lab)
+    f = proj.path / "labels" / f"{image_id}.nrrd"
+    f.write_bytes(f.read_bytes()[:40])
+    with pytest.raises(SemSegLoopError, match=f"{image_id}.nrrd"):
+        semsegloop.Project.open(proj.path).labels(image_id)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def test_damaged_latest_checkpoint_is_named_and_the_previous_round_still_works(tmp_path, tiny_models):
+    proj, image_id, _ = make_square_project(tmp_path / "p")
+    proj.train(steps=2, device="cpu")
+    proj.train(steps=2, device="cpu")
+    latest = tmp_path / "p" / "checkpoints" / "round_002.safetensors"
+    data = latest.read_bytes()
+    latest.write_bytes(data[: len(data) // 2])          # a copy cut off halfway
+
+    again = semsegloop.Project.open(tmp_path / "p")
+    with pytest.raises(CheckpointError, match="round_002.safetensors") as info:
+        again.predict(image_id)
+    assert "round=1" in str(info.value)
+    pred = again.predict(image_id, round=1, save=False)
+    assert pred.shape == (1, 64, 64) and pred.min() >= 1
+
+    # Training again warm-starts from the intact round 1, not from the damaged round 2.
+    res = again.train(steps=2, device="cpu")
+    assert res.round == 3
+    assert again.rounds[-1]["warm_start"] == "checkpoints/round_001"
+    assert again.predict(image_id, save=False).shape == (1, 64, 64)
+
+
+def test_checkpoint_with_a_flipped_byte_is_detected(tmp_path, tiny_models):
+    proj, image_id, _ = make_square_project(tmp_path / "p")
+    proj.train(steps=1, device="cpu")
+    f = tmp_path / "p" / "checkpoints" / "round_001.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF                                    # same size, one weight changed
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="round_001"):
+        semsegloop.Project.open(tmp_path / "p").predict(image_id)
+
+
+# ------------------------------------------------------------------------------ cancel mid-step
+
+def test_cancel_in_the_middle_of_a_step_keeps_the_weights_of_the_last_whole_step(tmp_path, tiny_models):
+    # Reference: exactly one whole step.
+    ref_proj, _, _ = make_square_project(tmp_path / "one_step")
+    ref_proj.train(steps=1, device="cpu", seed=3)
+    ref_sha = json.loads((tmp_path / "one_step" / "checkpoints" / "round_001.json").read_text())["sha256"]
+
+    # The engine asks "cancelled?" before each step and again after the forward pass (the long
+    # half on CPU). Saying yes at the 4th question stops step 2 after its forward pass, before
+    # its weight update.
+    proj, image_id, _ = make_square_project(tmp_path / "p")
+    asked = []
+
+    def cancel():
+        asked.append(1)
+        return len(asked) >= 4
+
+    res = proj.train(steps=5, device="cpu", seed=3, cancel=cancel)
+    assert res.cancelled and res.steps == 1
+    record = json.loads((tmp_path / "p" / "checkpoints" / "round_001.json").read_text())
+    assert record["sha256"] == ref_sha, "the half-done step must not leak into the saved model"
+    assert len([r for r in proj.training_log() if r.get("event") == "step"]) == 1
+    again = semsegloop.Project.open(tmp_path / "p")
+    assert again.round == 1 and again.rounds[0]["cancelled"] is True
+    assert again.predict(image_id, save=False).shape == (1, 64, 64)
+
+
+# ------------------------------------------------------------------------------ disk full
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_while_saving_labels_keeps_the_old_labels_and_project(tmp_path, tiny_models, monkeypatch):
+    proj, image_id, _ = make_square_project(tmp_path / "p")
+    labels_file = tmp_path / "p" / "labels" / f"{image_id}.nrrd"
+    old_labels = proj.labels(image_id)
+    old_bytes = labels_file.read_bytes()
+    old_json = (tmp_path / "p" / "project.json").read_bytes()
+
+    new = old_labels.copy()
+    new[0, 20:30, 20:30] = 2
+    monkeypatch.setattr(semsegloop.atomic.os, "replace", _disk_full)
+    with pytest.raises((OSError, SemSegLoopError)) as info:
+        proj.set_labels(image_id, new)
+    monkeypatch.undo()
+    assert "space" in str(info.value).lower() or "ENOSPC" in str(info.value)
+
+    assert labels_file.read_bytes() == old_bytes
+    assert (tmp_path / "p" / "project.json").read_bytes() == old_json
+    assert _files(tmp_path / "p" / "labels") == [f"{image_id}.nrrd"], "no temporary files left"
+    again = semsegloop.Project.open(tmp_path / "p")
+    np.testing.assert_array_equal(again.labels(image_id), old_labels)
+    assert again.image_info(image_id)["labeled_pixels"] == proj.image_info(image_id)["labeled_pixels"]
+    # Once there is room again, the same call succeeds.
+    proj.set_labels(image_id, new)
+    np.testing.assert_array_equal(semsegloop.Project.open(tmp_path / "p").labels(image_id), new)
+
+
+def test_disk_full_while_adding_an_image_leaves_the_project_as_it_was(project, monkeypatch):
+    proj, image_id = project
+    old_json = (proj.path / "project.json").read_bytes()
+    monkeypatch.setattr(semsegloop.atomic.os, "replace", _disk_full)
+    with pytest.raises((OSError, SemSegLoopError)):
+        proj.add_image(square_image(48, seed=9)[0], name="second")
+    monkeypatch.undo()
+    assert (proj.path / "project.json").read_bytes() == old_json
+    assert proj.image_ids == [image_id]
+    assert semsegloop.Project.open(proj.path).image_ids == [image_id]
+
+
+def test_disk_full_while_saving_a_checkpoint_keeps_earlier_rounds(tmp_path, tiny_models, monkeypatch):
+    proj, image_id, _ = make_square_project(tmp_path / "p")
+    proj.train(steps=2, device="cpu")
+    ckpt_dir = tmp_path / "p" / "checkpoints"
+    before = {name: (ckpt_dir / name).read_bytes() for name in _files(ckpt_dir)}
+    old_json = (tmp_path / "p" / "project.json").read_bytes()
+    labels_before = (tmp_path / "p" / "labels" / f"{image_id}.nrrd").read_bytes()
+    pred_before = proj.predict(image_id, save=False)
+
+    monkeypatch.setattr(semsegloop.atomic.os, "replace", _disk_full)
+    with pytest.raises(SemSegLoopError) as info:
+        proj.train(steps=2, device="cpu")
+    monkeypatch.undo()
+    assert "round_002" in str(info.value)
+
+    assert _files(ckpt_dir) == sorted(before), "no partial round-2 or temporary files"
+    assert all((ckpt_dir / n).read_bytes() == b for n, b in before.items())
+    assert (tmp_path / "p" / "project.json").read_bytes() == old_json
+    assert (tmp_path / "p" / "labels" / f"{image_id}.nrrd").read_bytes() == labels_before
+    again = semsegloop.Project.open(tmp_path / "p")
+    assert again.round == 1 and len(again.rounds) == 1
+    np.testing.assert_array_equal(again.predict(image_id, save=False), pred_before)
+    # With room again, the next round trains and saves normally.
+    assert again.train(steps=1, device="cpu").round == 2

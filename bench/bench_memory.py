@@ -1,0 +1,121 @@
+"""Peak memory of predicting a 512x512x300 CT: SemSegLoop's slab-wise float16 prediction side by
+side with a plain whole-volume MONAI sliding window (float32) in the same process.
+
+    python bench/bench_memory.py                 # full size (takes minutes on 2 CPU cores)
+    python bench/bench_memory.py --shape 64,256,256 --classes 3
+
+The network is untrained (memory and time do not depend on the weights). Target: < 4 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import threading
+import time
+
+import numpy as np
+
+
+class PeakRSS:
+    """Samples this process's resident memory every 20 ms while the block runs."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.02)
+
+    def __enter__(self):
+        gc.collect()
+        self.start = self.rss()
+        self.peak = self.start
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def synthetic_ct(shape, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    z, y, x = shape
+    vol = np.full(shape, -1000, np.int16)
+    yy, xx = np.ogrid[:y, :x]
+    body = ((yy - y / 2) / (0.42 * y)) ** 2 + ((xx - x / 2) / (0.45 * x)) ** 2 < 1
+    vol[:, body] = 40
+    organ = ((yy - y / 2) / (0.15 * y)) ** 2 + ((xx - x / 3) / (0.12 * x)) ** 2 < 1
+    vol[:, organ] = 120
+    vol += rng.integers(-20, 20, size=(1, y, x), dtype=np.int16)
+    return vol
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="300,512,512", help="z,y,x")
+    ap.add_argument("--classes", type=int, default=3)
+    ap.add_argument("--skip-baseline", action="store_true")
+    a = ap.parse_args(argv)
+    import torch
+
+    from semsegloop.inference import inference_roi, predict_image
+    from semsegloop.networks import build_network, load_preset, plan_network
+    from semsegloop.normalization import normalize
+
+    shape = tuple(int(v) for v in a.shape.split(","))
+    vol = synthetic_ct(shape)
+    plan = plan_network(load_preset("unet3d"), 1, a.classes, spacing=(1.0, 0.8, 0.8),
+                        image_shape=shape)
+    torch.manual_seed(0)
+    model = build_network(plan).eval()
+    device = torch.device("cpu")
+    spec = {"method": "ct", "window": [-1000.0, 1000.0]}
+    print(f"volume {shape} int16 ({vol.nbytes / 2**20:.0f} MiB), K={a.classes}, "
+          f"roi {inference_roi(plan, shape)}, torch threads {torch.get_num_threads()}")
+    rows = []
+    with PeakRSS() as m:
+        t0 = time.perf_counter()
+        x = normalize(vol[..., None], spec)
+        pred = predict_image(model, x, plan, device, a.classes)
+        secs = time.perf_counter() - t0
+    rows.append(("semsegloop (slabs, float16)", secs, m.peak - m.start, m.peak))
+    labels = pred.labels
+    del pred, x
+    gc.collect()
+    if not a.skip_baseline:
+        from monai.inferers import sliding_window_inference
+
+        with PeakRSS() as m:
+            t0 = time.perf_counter()
+            x = torch.from_numpy(normalize(vol[..., None], spec)[..., 0])[None, None]
+            with torch.inference_mode():
+                out = sliding_window_inference(x, inference_roi(plan, shape), 2, model,
+                                               overlap=0.25, mode="gaussian")
+                base_labels = (out.argmax(1)[0] + 1).to(torch.uint8).numpy()
+            secs = time.perf_counter() - t0
+        rows.append(("MONAI whole volume (float32)", secs, m.peak - m.start, m.peak))
+        agree = float((base_labels == labels).mean())
+        del out, x
+    print(f"{'method':<32}{'seconds':>9}{'added GiB':>11}{'peak RSS GiB':>14}")
+    for name, s, added, peak in rows:
+        print(f"{name:<32}{s:>9.1f}{added / 2**30:>11.2f}{peak / 2**30:>14.2f}")
+    if not a.skip_baseline:
+        print(f"label agreement between the two: {agree:.4%}")
+    print(f"target: peak RSS < 4 GiB -> {'met' if rows[0][3] < 4 * 2**30 else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,463 @@
+"""Sparse-label benchmark: the engine (through the Project API) against an ilastik-style random
+forest, both trained on the same simulated strokes, scored on unseen images of real data.
+
+Run from the repository root (see bench/README.md):
+    python bench/bench_sparse.py                 # all cases, 60 s of training per round
+    python bench/bench_sparse.py --quick         # smoke run: few images, short budgets
+Exits 0 with a message when ../shared/data is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import datasets  # noqa: E402  (bench/ is not a package; the script's folder is on sys.path)
+
+ALL_CASES = ("isbi", "nuclei", "drosophila", "hippocampus")
+TARGET_MARGIN = 0.03      # engine mean Dice >= baseline's + this on every 2D case
+TARGET_FIRST_S = 20.0     # first full prediction of the 3 painted ISBI images
+
+
+# ------------------------------------------------------------------------------ measuring
+
+class PeakRSS:
+    """Peak resident memory of this process during a ``with`` block, sampled from
+    /proc/self/statm every few ms (getrusage's maxrss never goes down, so it cannot tell one
+    phase from the previous ones; tracemalloc does not see torch's or numpy's C allocations).
+    """
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.start_mb = self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def rss_mb(self) -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self.page / 2 ** 20
+        except (OSError, ValueError, IndexError):
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _run(self):
+        while not self._stop.wait(self.interval_s):
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+    def __enter__(self):
+        gc.collect()
+        self.start_mb = self.peak_mb = self.rss_mb()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self.rss_mb())
+        return False
+
+    @property
+    def delta_mb(self) -> float:
+        return self.peak_mb - self.start_mb
+
+
+class Score:
+    """Dice per class pooled over several images (pixel counts summed, then the ratio)."""
+
+    def __init__(self, n_classes: int):
+        self.K = n_classes
+        self.tp = np.zeros(n_classes + 1)
+        self.pred = np.zeros(n_classes + 1)
+        self.ref = np.zeros(n_classes + 1)
+
+    def add(self, prediction: np.ndarray, reference: np.ndarray) -> None:
+        valid = reference > 0
+        p = prediction[valid].astype(np.int64)
+        r = reference[valid].astype(np.int64)
+        n = self.K + 1
+        conf = np.bincount(r * n + np.clip(p, 0, self.K), minlength=n * n).reshape(n, n)
+        self.tp += np.diag(conf)
+        self.pred += conf.sum(axis=0)
+        self.ref += conf.sum(axis=1)
+
+    def dice(self) -> list[float]:
+        den = self.pred + self.ref
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d = np.where(den > 0, 2 * self.tp / np.maximum(den, 1), np.nan)
+        return [float(v) for v in d[1:]]
+
+
+def mean_dice(dice: list[float]) -> float:
+    vals = [d for d in dice if not np.isnan(d)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def log(msg: str) -> None:
+    print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ the runs
+
+def make_strokes(case: datasets.Case, args) -> dict[int, np.ndarray]:
+    from semsegloop.strokes import simulate_strokes
+
+    return {i: simulate_strokes(case.samples[i].reference, case.n_classes,
+                                pixels_per_class=args.pixels, brush_radius=1,
+                                seed=args.seed + i, dims=case.dims)
+            for i in case.paint}
+
+
+def labeled_counts(labels: dict[int, np.ndarray], K: int) -> list[int]:
+    return [int(sum((lab == k).sum() for lab in labels.values())) for k in range(1, K + 1)]
+
+
+def correct(case, labels, predictions, args) -> dict[int, np.ndarray]:
+    from semsegloop.strokes import simulate_correction
+
+    return {i: simulate_correction(labels[i], predictions[i], case.samples[i].reference,
+                                   n_regions=5, radius=3, dims=case.dims, seed=args.seed + i)
+            for i in case.paint}
+
+
+def run_engine(case: datasets.Case, strokes, args, workdir: Path) -> list[dict]:
+    from semsegloop import Project
+
+    proj = Project.create(workdir / f"{case.key}_engine", classes=case.classes, dims=case.dims)
+    ids = {i: proj.add_image(case.samples[i].image, name=case.samples[i].name)
+           for i in case.paint + case.predict}
+    labels = dict(strokes)
+    rows = []
+    for rnd in (0, 1):
+        if rnd == 1:
+            # The person looks at the painted images' predictions and fixes the worst errors.
+            painted_pred = {i: proj.predict_full(ids[i], device=args.device, save=False,
+                                                 keep_strokes=False).labels for i in case.paint}
+            labels = correct(case, labels, painted_pred, args)
+        for i in case.paint:
+            proj.set_labels(ids[i], labels[i])
+        log(f"{case.key}: engine round {rnd}, training {args.train_seconds:g} s")
+        with PeakRSS() as mem_train:
+            t0 = time.perf_counter()
+            result = proj.train(time_budget_s=args.train_seconds, device=args.device,
+                                seed=args.seed)
+            train_s = time.perf_counter() - t0
+        score = Score(case.n_classes)
+        log(f"{case.key}: engine round {rnd}, predicting {len(case.predict)} unseen images")
+        with PeakRSS() as mem_pred:
+            t0 = time.perf_counter()
+            for i in case.predict:
+                pred = proj.predict_full(ids[i], device=args.device, save=False,
+                                         keep_strokes=False).labels
+                score.add(pred, case.samples[i].reference)
+            pred_s = time.perf_counter() - t0
+        rows.append(dict(method="engine", round=rnd, dice=score.dice(), train_s=train_s,
+                         predict_s=pred_s, steps=result.steps, device=result.device,
+                         labeled=labeled_counts(labels, case.n_classes),
+                         peak_train_mb=mem_train.peak_mb, peak_predict_mb=mem_pred.peak_mb,
+                         delta_train_mb=mem_train.delta_mb, delta_predict_mb=mem_pred.delta_mb))
+    return rows
+
+
+def run_rf(case: datasets.Case, strokes, args) -> list[dict]:
+    from baseline_rf import RandomForestBaseline
+
+    labels = dict(strokes)
+    rows = []
+    rf = None
+    for rnd in (0, 1):
+        if rnd == 1:
+            # Its own mistakes get corrected, as a person would correct what the tool showed.
+            painted_pred = {i: rf.predict(case.samples[i].image.array) for i in case.paint}
+            labels = correct(case, labels, painted_pred, args)
+        log(f"{case.key}: random forest round {rnd}, training")
+        with PeakRSS() as mem_train:
+            t0 = time.perf_counter()
+            # A forest has no warm start: each round is trained afresh on all labels so far.
+            rf = RandomForestBaseline(dims=case.dims, random_state=args.seed).fit(
+                [case.samples[i].image.array for i in case.paint],
+                [labels[i] for i in case.paint])
+            train_s = time.perf_counter() - t0
+        score = Score(case.n_classes)
+        log(f"{case.key}: random forest round {rnd}, predicting {len(case.predict)} unseen images")
+        with PeakRSS() as mem_pred:
+            t0 = time.perf_counter()
+            for i in case.predict:
+                score.add(rf.predict(case.samples[i].image.array), case.samples[i].reference)
+            pred_s = time.perf_counter() - t0
+        rows.append(dict(method="rf", round=rnd, dice=score.dice(), train_s=train_s,
+                         predict_s=pred_s, steps=None, device="cpu",
+                         labeled=labeled_counts(labels, case.n_classes),
+                         peak_train_mb=mem_train.peak_mb, peak_predict_mb=mem_pred.peak_mb,
+                         delta_train_mb=mem_train.delta_mb, delta_predict_mb=mem_pred.delta_mb))
+    return rows
+
+
+def first_prediction(case: datasets.Case, strokes, args, workdir: Path, methods) -> dict:
+    """Wall time from starting training on the painted ISBI images to having their predictions."""
+    out = {"images": len(case.paint), "train_budget_s": args.first_seconds,
+           "target_s": TARGET_FIRST_S}
+    if "engine" in methods:
+        from semsegloop import Project
+
+        proj = Project.create(workdir / "first_engine", classes=case.classes, dims=case.dims)
+        ids = {i: proj.add_image(case.samples[i].image, name=case.samples[i].name)
+               for i in case.paint}
+        for i in case.paint:
+            proj.set_labels(ids[i], strokes[i])
+        log(f"time to first prediction: engine, {args.first_seconds:g} s budget")
+        score = Score(case.n_classes)
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            proj.train(time_budget_s=args.first_seconds, device=args.device, seed=args.seed)
+            t_train = time.perf_counter() - t0
+            preds = {i: proj.predict_full(ids[i], device=args.device, save=False,
+                                          keep_strokes=False).labels for i in case.paint}
+            total = time.perf_counter() - t0
+        for i in case.paint:
+            score.add(preds[i], case.samples[i].reference)
+        out["engine"] = dict(train_s=t_train, total_s=total, dice=score.dice(),
+                             peak_mb=mem.peak_mb, met=total <= TARGET_FIRST_S)
+    if "rf" in methods:
+        from baseline_rf import RandomForestBaseline
+
+        log("time to first prediction: random forest")
+        score = Score(case.n_classes)
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            rf = RandomForestBaseline(dims=case.dims, random_state=args.seed).fit(
+                [case.samples[i].image.array for i in case.paint], [strokes[i] for i in case.paint])
+            t_train = time.perf_counter() - t0
+            preds = {i: rf.predict(case.samples[i].image.array) for i in case.paint}
+            total = time.perf_counter() - t0
+        for i in case.paint:
+            score.add(preds[i], case.samples[i].reference)
+        out["rf"] = dict(train_s=t_train, total_s=total, dice=score.dice(), peak_mb=mem.peak_mb,
+                         met=total <= TARGET_FIRST_S)
+    return out
+
+
+# ------------------------------------------------------------------------------ reporting
+
+def fmt(v, width=6, digits=3) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "-".rjust(width)
+    return f"{v:{width}.{digits}f}"
+
+
+def print_case(res: dict) -> None:
+    names = [n[:8] for n in res["classes"]]
+    print()
+    print(f"{res['title']}  ({res['dims']}D; painted {res['n_paint']}, scored on "
+          f"{res['n_unseen']} unseen; strokes ~{res['pixels']} px/class per painted "
+          f"{'image' if res['dims'] == 2 else 'volume'})")
+    head = (f"  {'method':<7} {'rnd':>3} " + " ".join(f"{n:>8}" for n in names)
+            + f" {'mean':>6} {'labeled':>8} {'train s':>8} {'steps':>6} {'pred s':>7}"
+            f" {'peak MB train/pred':>19}")
+    print(head)
+    print("  " + "-" * (len(head) - 2))
+    for r in res["runs"]:
+        dice = " ".join(fmt(d, 8) for d in r["dice"])
+        steps = str(r["steps"]) if r["steps"] is not None else "-"
+        mem = f"{r['peak_train_mb']:.0f}/{r['peak_predict_mb']:.0f}"
+        print(f"  {r['method']:<7} {r['round']:>3} {dice} {fmt(r['mean'], 6)} "
+              f"{sum(r['labeled']):>8} {r['train_s']:8.1f} {steps:>6} {r['predict_s']:7.1f} "
+              f"{mem:>19}")
+    for v in res.get("verdicts", []):
+        print(f"  {v['text']}")
+
+
+def verdicts(res: dict) -> list[dict]:
+    runs = {(r["method"], r["round"]): r for r in res["runs"]}
+    out = []
+    for rnd in (0, 1):
+        e, b = runs.get(("engine", rnd)), runs.get(("rf", rnd))
+        if e is None or b is None:
+            continue
+        need = b["mean"] + TARGET_MARGIN
+        met = bool(e["mean"] >= need)
+        if res["dims"] == 2:
+            text = (f"target: engine >= baseline + {TARGET_MARGIN:.2f}, round {rnd}: "
+                    f"{'MET' if met else 'MISSED'} ({e['mean']:.3f} vs {b['mean']:.3f} + "
+                    f"{TARGET_MARGIN:.2f} = {need:.3f})")
+        else:
+            text = (f"round {rnd}: engine {e['mean']:.3f} vs baseline {b['mean']:.3f} "
+                    f"(3D: no target, reported)")
+        out.append(dict(round=rnd, engine=e["mean"], baseline=b["mean"], met=met,
+                        targeted=res["dims"] == 2, text=text))
+    return out
+
+
+def print_first(first: dict) -> None:
+    print()
+    print(f"Time to first prediction: train on {first['images']} painted ISBI images (512^2, "
+          f"budget {first['train_budget_s']:g} s) + predict them; target <= {TARGET_FIRST_S:g} s")
+    for m in ("engine", "rf"):
+        if m in first:
+            r = first[m]
+            dice = "/".join(fmt(d, 5) for d in r["dice"])
+            print(f"  {m:<7} train {r['train_s']:6.1f} s  total {r['total_s']:6.1f} s  "
+                  f"Dice (membrane/interior, painted images) {dice}  peak {r['peak_mb']:.0f} MB"
+                  f"  {'MET' if r['met'] else 'MISSED'}")
+
+
+# ------------------------------------------------------------------------------ main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=",".join(ALL_CASES),
+                   help=f"comma-separated subset of {','.join(ALL_CASES)}")
+    p.add_argument("--methods", default="engine,rf", help="engine, rf or both (default both)")
+    p.add_argument("--train-seconds", type=float, default=None,
+                   help="engine training budget per round (default 60; 8 with --quick)")
+    p.add_argument("--first-seconds", type=float, default=None,
+                   help="engine budget for the time-to-first-prediction run (default 10; 5 with "
+                        "--quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 3 unseen images per 2D case, 2+4 hippocampus cases, short budgets")
+    p.add_argument("--no-first", action="store_true", help="skip the time-to-first-prediction run")
+    p.add_argument("--pixels", type=int, default=300, help="stroke pixels per class per painted image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="engine device: auto, cpu, cuda, mps")
+    p.add_argument("--data", type=Path, default=datasets.DEFAULT_DATA,
+                   help=f"shared data folder (default {datasets.DEFAULT_DATA})")
+    p.add_argument("--json", type=Path, default=None, help="also write all figures to this file")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where the engine's projects go (default: a temporary folder, removed)")
+    args = p.parse_args(argv)
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    bad = [c for c in args.cases if c not in ALL_CASES]
+    if bad:
+        p.error(f"unknown case(s) {bad}; choose from {','.join(ALL_CASES)}")
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.methods or any(m not in ("engine", "rf") for m in args.methods):
+        p.error("--methods takes engine, rf or engine,rf")
+    if args.train_seconds is None:
+        args.train_seconds = 8.0 if args.quick else 60.0
+    if args.first_seconds is None:
+        args.first_seconds = 5.0 if args.quick else 10.0
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.data.is_dir():
+        print(f"skipped: shared data folder {args.data} not found (it lives beside the "
+              "repository as ../shared/data; pass --data to point elsewhere)")
+        return 0
+    try:
+        import skimage  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as e:
+        print(f"skipped: the benchmark needs scikit-image and scikit-learn ({e}); "
+              "pip install -e '.[bench]'")
+        return 0
+    import semsegloop
+
+    settings = dict(train_seconds=args.train_seconds, first_seconds=args.first_seconds,
+                    quick=args.quick, pixels=args.pixels, seed=args.seed, device=args.device,
+                    methods=args.methods, cases=args.cases, data=str(args.data),
+                    cpu_count=os.cpu_count(), semsegloop=semsegloop.__version__)
+    try:
+        import torch
+        settings["torch"] = torch.__version__
+        settings["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    print(f"SemSegLoop sparse-label benchmark: engine vs random forest (multiscale features, "
+          f"100 trees); engine budget {args.train_seconds:g} s per round; "
+          f"{os.cpu_count()} CPU cores; data {args.data}")
+    report = {"settings": settings, "cases": [], "first_prediction": None, "skipped": []}
+    own_tmp = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="semsegloop_bench_")) if own_tmp else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        for key in args.cases:
+            try:
+                case = datasets.load(key, args.data, quick=args.quick)
+            except FileNotFoundError as e:
+                print(f"\n{key}: skipped ({e})")
+                report["skipped"].append({"case": key, "why": str(e)})
+                continue
+            strokes = make_strokes(case, args)
+            if key == "isbi" and not args.no_first:
+                report["first_prediction"] = first_prediction(case, strokes, args, workdir,
+                                                              args.methods)
+                print_first(report["first_prediction"])
+            runs = []
+            if "engine" in args.methods:
+                runs += run_engine(case, strokes, args, workdir)
+            if "rf" in args.methods:
+                runs += run_rf(case, strokes, args)
+            for r in runs:
+                r["mean"] = mean_dice(r["dice"])
+            res = dict(key=key, title=case.title, dims=case.dims, classes=case.classes,
+                       n_paint=len(case.paint), n_unseen=len(case.predict),
+                       painted=[case.samples[i].name for i in case.paint],
+                       unseen=[case.samples[i].name for i in case.predict],
+                       pixels=args.pixels, runs=runs)
+            res["verdicts"] = verdicts(res)
+            report["cases"].append(res)
+            print_case(res)
+            sys.stdout.flush()
+    finally:
+        if own_tmp:
+            import shutil
+            shutil.rmtree(workdir, ignore_errors=True)
+    if report["cases"]:
+        print()
+        print("Summary (mean Dice over classes on unseen images):")
+        for res in report["cases"]:
+            for rnd in (0, 1):
+                means = {r["method"]: r["mean"] for r in res["runs"] if r["round"] == rnd}
+                line = f"  {res['key']:<12} round {rnd}: " + "  ".join(
+                    f"{m} {fmt(v, 5)}" for m, v in means.items())
+                v = next((v for v in res["verdicts"] if v["round"] == rnd), None)
+                if v is not None:
+                    line += f"  diff {v['engine'] - v['baseline']:+.3f}"
+                    if v["targeted"]:
+                        line += f"  {'MET' if v['met'] else 'MISSED'}"
+                print(line)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(_no_nan(report), indent=2, default=_json_default) + "\n")
+        print(f"\nfigures written to {args.json}")
+    return 0
+
+
+def _no_nan(o):
+    # Strict JSON has no NaN (a class absent from the unseen images): write null instead.
+    if isinstance(o, float) and np.isnan(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _no_nan(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_no_nan(v) for v in o]
+    return o
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
