@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .atomic import _fsync_dir
 from .errors import CheckpointError
 
 FORMAT = "semsegloop-checkpoint"
@@ -222,17 +223,6 @@ def _write_tmp(directory: Path, name: str, suffix: str, data: bytes, created: li
         f.flush()
         os.fsync(f.fileno())
     return tmp_path
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _prepare_tensors(state_dict: Mapping[str, Any]) -> dict:

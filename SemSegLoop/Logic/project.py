@@ -57,13 +57,7 @@ class Project:
                preset: str | None = None, exist_ok: bool = False) -> "Project":
         """Make a new project folder. ``classes`` are names in label order (label k = k-th)."""
         path = Path(path)
-        names = [str(c).strip() for c in classes]
-        if len(names) < 2:
-            raise ProjectError(f"a project needs at least two classes, got {names}")
-        if any(not n for n in names) or len(set(names)) != len(names):
-            raise ProjectError(f"class names must be non-empty and unique, got {names}")
-        if len(names) > 255:
-            raise ProjectError("at most 255 classes fit a uint8 label map")
+        names = _check_class_names([str(c).strip() for c in classes])
         if dims not in (2, 3):
             raise ProjectError(f"dims must be 2 or 3, got {dims!r}")
         if colors is not None and len(colors) != len(names):
@@ -178,9 +172,7 @@ class Project:
             name = str(c["name"]).strip()
             color = [int(v) for v in c.get("color", DEFAULT_COLORS[i % len(DEFAULT_COLORS)])]
             new.append({"name": name, "color": color})
-        names = [c["name"] for c in new]
-        if any(not n for n in names) or len(set(names)) != len(names):
-            raise ProjectError(f"class names must be non-empty and unique, got {names}")
+        _check_class_names([c["name"] for c in new])
         self._meta["classes"] = new
         self.save()
 
@@ -688,6 +680,16 @@ class Project:
     def __repr__(self) -> str:
         return (f"Project('{self.path}', classes={self.class_names}, dims={self.dims}, "
                 f"images={len(self.image_ids)}, round={self.round})")
+
+
+def _check_class_names(names: list[str]) -> list[str]:
+    if len(names) < 2:
+        raise ProjectError(f"a project needs at least two classes, got {names}")
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise ProjectError(f"class names must be non-empty and unique, got {names}")
+    if len(names) > 255:
+        raise ProjectError("at most 255 classes fit a uint8 label map")
+    return names
 
 
 def _counts(arr: np.ndarray, k: int) -> dict[str, int]:
