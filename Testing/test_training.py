@@ -269,8 +269,17 @@ def test_pairwise_term_prefers_boundaries_on_image_edges():
 
 def test_training_uses_the_pairwise_term_on_unlabeled_pixels(tmp_path, tiny_models):
     proj, _, _ = make_square_project(tmp_path / "p")
-    proj.train(steps=2, device="cpu")
+    proj.train(steps=2, device="cpu", pseudo_labels=False)
     steps = [r for r in proj.training_log() if r.get("event") == "step"]
     assert all("loss_ce" in r and "loss_pairwise" in r for r in steps)
     # The regulariser ramps in: the first step's loss is the cross-entropy alone.
     assert steps[0]["loss"] == pytest.approx(steps[0]["loss_ce"])
+
+
+def test_teacher_pseudo_labels_add_a_weighted_term_on_unpainted_pixels(tmp_path, tiny_models):
+    proj, _, _ = make_square_project(tmp_path / "p")
+    proj.train(steps=2, device="cpu", pseudo_labels=True)
+    steps = [r for r in proj.training_log() if r.get("event") == "step"]
+    assert all("loss_pseudo" in r for r in steps)
+    assert steps[0]["loss"] == pytest.approx(steps[0]["loss_ce"] + 0.5 * steps[0]["loss_pseudo"],
+                                             rel=1e-5)

@@ -88,23 +88,35 @@ def _predict_region_slabs(model, vol: np.ndarray, out: np.ndarray, plan, device,
                           prepare):
     """Fill ``out`` (K, *spatial) with probabilities for ``vol`` (*spatial, C), slab by slab.
 
-    ``prepare`` turns a slab into network input (scale-space features); slabs carry a halo of
-    half a window, wider than the filters reach, so features match the whole-image ones."""
+    ``prepare`` turns a slab into network input (scale-space features); each slab is widened
+    to the whole windows that touch it, so its kept rows equal the unsliced prediction."""
     spatial = vol.shape[:-1]
     roi = inference_roi(plan, spatial)
     per_row = int(np.prod(spatial[1:]))
     slab = max(roi[0], (MAX_REGION_VOXELS // max(per_row, 1)) // roi[0] * roi[0])
-    halo = roi[0] // 2
     n0 = spatial[0]
+    starts = _window_starts(n0, roi[0], overlap)
     start = 0
     while start < n0:
         if cancel is not None and cancel():
             raise InterruptedError("prediction cancelled")
         stop = min(n0, start + slab)
-        a, b = max(0, start - halo), min(n0, stop + halo)
+        # Run exactly the windows of the whole-image grid that touch [start, stop): the rows
+        # kept get the same blend of the same windows as without slabs.
+        touching = [p for p in starts if p < stop and p + roi[0] > start]
+        a, b = min(touching), min(n0, max(touching) + roi[0])
         p = _sliding_window(model, prepare(vol[a:b]), roi, plan, device, overlap)
         out[:, start:stop] = p[:, start - a:stop - a]
         start = stop
+
+
+def _window_starts(n: int, roi: int, overlap: float) -> list[int]:
+    """Window starts along one axis, as MONAI's sliding window places them."""
+    if roi >= n:
+        return [0]
+    step = max(int(roi * (1 - overlap)), 1)
+    count = int(math.ceil((n - roi) / step)) + 1
+    return sorted({min(i * step, n - roi) for i in range(count)})
 
 
 def _sliding_window(model, vol: np.ndarray, roi, plan, device, overlap) -> np.ndarray:

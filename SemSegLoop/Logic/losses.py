@@ -101,7 +101,8 @@ def entropy_loss(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class SparseLabelLoss:
-    """Masked CE + lambda_pair * gated Potts + lambda_ent * entropy.
+    """Masked CE on strokes + lambda_pseudo * masked CE on the teacher's pseudo-labels
+    + lambda_pair * gated Potts + lambda_ent * entropy.
 
     The unsupervised terms ramp up over ``warmup_steps`` so the first steps learn the strokes
     before the regulariser has anything meaningful to propagate.
@@ -109,7 +110,9 @@ class SparseLabelLoss:
 
     def __init__(self, pairwise_weight: float = 1.0, entropy_weight: float = 0.0,
                  sigma: float = 0.15, warmup_steps: int = 30, in_plane_only: bool = False,
-                 class_weights: torch.Tensor | None = None, image_channels: int | None = None):
+                 class_weights: torch.Tensor | None = None, image_channels: int | None = None,
+                 pseudo_weight: float = 0.5):
+        self.pseudo_weight = pseudo_weight
         self.image_channels = image_channels  # the gate looks at the image, not derived features
         self.pairwise_weight = pairwise_weight
         self.entropy_weight = entropy_weight
@@ -119,9 +122,18 @@ class SparseLabelLoss:
         self.class_weights = class_weights
 
     def __call__(self, logits, labels, image, step: int) -> tuple[torch.Tensor, dict]:
+        """``labels`` (B, *spatial) strokes, or (B, 2, *spatial) strokes and pseudo-labels."""
+        pseudo = None
+        if labels.dim() == logits.dim():
+            labels, pseudo = labels[:, 0], labels[:, 1]
         ce = masked_cross_entropy(logits, labels, self.class_weights)
         parts = {"ce": float(ce.detach())}
         loss = ce
+        if pseudo is not None and self.pseudo_weight > 0:
+            # The person's strokes win where both exist.
+            pl = masked_cross_entropy(logits, torch.where(labels > 0, 0, pseudo), self.class_weights)
+            loss = loss + self.pseudo_weight * pl
+            parts["pseudo"] = float(pl.detach())
         ramp = min(1.0, step / self.warmup_steps)
         if self.pairwise_weight > 0 or self.entropy_weight > 0:
             probs = torch.softmax(logits.float(), dim=1)

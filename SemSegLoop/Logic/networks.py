@@ -169,5 +169,16 @@ def network_input(region, plan: NetworkPlan):
     return add_features(region, plan.dims, plan.stem_sigmas, plan.stem_spacing)
 
 
+def network_input_stack(x, plan: NetworkPlan, dims: int):
+    """Whole normalised image (S, Y, X, C) -> network input; 2D stacks go slice by slice."""
+    import numpy as np
+
+    if not plan.stem_sigmas:
+        return x
+    if dims == 2:
+        return np.stack([network_input(x[s], plan) for s in range(x.shape[0])])
+    return network_input(x, plan)
+
+
 def _ceil_to(x: int, m: int) -> int:
     return int(-(-int(x) // m) * m)

@@ -34,6 +34,8 @@ log = logging.getLogger("semsegloop")
 FORMAT_NAME = "semsegloop-project"
 FORMAT_VERSION = 1
 PROJECT_FILE = "project.json"
+# Unpainted images the teacher may pseudo-label for one round (more cost little per step).
+MAX_PSEUDO_ONLY_IMAGES = 8
 
 # Distinct, colour-blind-friendly defaults (Okabe-Ito) for classes without a colour.
 DEFAULT_COLORS = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178),
@@ -318,7 +320,8 @@ class Project:
     def train(self, time_budget_s: float | None = None, steps: int | None = None,
               device: str = "auto", progress: Callable | None = None, cancel: Any = None,
               seed: int = 0, reference: dict | None = None, preset: str | None = None,
-              pairwise_weight: float | None = None, image_ids: list[str] | None = None):
+              pairwise_weight: float | None = None, image_ids: list[str] | None = None,
+              pseudo_labels: bool | None = None):
         """Train one round on the painted labels, warm-starting from the previous round.
 
         Runs for ``time_budget_s`` seconds or ``steps`` steps (60 s when neither is given).
@@ -326,12 +329,24 @@ class Project:
         ``cancel`` (threading.Event or callable) is checked every step: the round then ends
         within one step and its model is kept (the earlier rounds' checkpoints are untouched).
         ``reference`` ({image_id: labels}) adds validation Dice to the progress reports.
-        Returns a TrainResult.
+        ``pseudo_labels`` (default: on when scikit-learn is installed) first fits a quick
+        pixel classifier on the strokes and trains on its confident pixels too; its time
+        counts in the budget. Returns a TrainResult.
         """
+        import time as _time
+
+        t_start = _time.perf_counter()
+        if time_budget_s is not None and not time_budget_s > 0:
+            raise TrainingError(f"time_budget_s must be positive (got {time_budget_s})")
+        if steps is not None and steps < 1:
+            raise TrainingError(f"steps must be at least 1 (got {steps})")
         from . import training as tr
         from .checkpoint import save_checkpoint
         from .losses import SparseLabelLoss
-        from .networks import build_network, load_preset, plan_network
+        from .networks import build_network, load_preset, network_input_stack, plan_network
+        from .normalization import normalize
+        from .pseudo_labels import available as teacher_available
+        from .pseudo_labels import teacher_pseudo_labels
         from .sampling import PatchSampler, TrainingImage
 
         with self._lock:
@@ -356,7 +371,27 @@ class Project:
             biggest = tuple(int(v) for v in np.max([lab.shape for _, lab in data], axis=0))
             plan = plan_network(pre, self.channels, self.n_classes, spacing=spacing,
                                 image_shape=biggest if self.dims == 3 else biggest[1:])
-            images = [TrainingImage(self._network_input(i, plan), lab, i) for i, lab in data]
+            use_teacher = pseudo_labels if pseudo_labels is not None else teacher_available()
+            if use_teacher:
+                # Unpainted images of the collection join as pseudo-labelled context, spread
+                # over the collection, while the teacher's share of the budget lasts.
+                painted_ids = {i for i, _ in data}
+                others = [i for i in self.image_ids if i not in painted_ids and
+                          self.image_info(i)["shape"][3] == self.channels]
+                others = [others[j] for j in _spread(len(others), MAX_PSEUDO_ONLY_IMAGES)]
+                data = data + [(i, np.zeros(tuple(self._entry(i)["shape"][:3]), np.uint8))
+                               for i in others]
+            normed = [normalize(self.image(i).array, norm) for i, _ in data]
+            pseudo = [None] * len(data)
+            if use_teacher:
+                limit = None if time_budget_s is None else 0.35 * time_budget_s
+                pseudo = teacher_pseudo_labels(normed, [lab for _, lab in data], self.n_classes,
+                                               self.dims, spacing, seed=seed,
+                                               n_jobs=tr.cpu_threads(), time_limit_s=limit)
+            images = [TrainingImage(network_input_stack(x, plan, self.dims), lab, i, ps)
+                      for x, (i, lab), ps in zip(normed, data, pseudo)
+                      if lab.any() or ps is not None]
+            del normed
             device_t = tr.select_device(device)
             tr.seed_everything(seed)
             model = build_network(plan)
@@ -376,11 +411,15 @@ class Project:
             logf({"event": "train_start", "round": round_index, "preset": preset_name,
                   "images": ids, "device": str(device_t), "warm_start": warm,
                   "steps": steps, "time_budget_s": time_budget_s, "patch_size": plan.patch_size})
+            budget = None
+            if time_budget_s is not None:  # preparation (teacher, features) counts in the budget
+                budget = max(1.0, time_budget_s - (_time.perf_counter() - t_start))
             n_steps, seconds, last_loss, cancelled, val = tr.run_training(
                 model, sampler, loss_fn, device=device_t, round_index=round_index,
                 batch_size=int(pre["batch_size"]), learning_rate=float(pre["learning_rate"]),
-                steps=steps, time_budget_s=time_budget_s, progress=progress, cancel=cancel,
+                steps=steps, time_budget_s=budget, progress=progress, cancel=cancel,
                 validate=validate, log=logf, seed=seed)
+            seconds = _time.perf_counter() - t_start  # the whole round, preparation included
             ckpt = None
             if n_steps > 0:
                 name = f"round_{round_index:03d}"
@@ -410,18 +449,6 @@ class Project:
                                           phase="cancelled" if cancelled else "done",
                                           device=str(device_t)))
             return result
-
-    def _network_input(self, image_id: str, plan) -> np.ndarray:
-        """Normalised image plus the plan's scale-space features, (S, Y, X, C_net) float32."""
-        from .networks import network_input
-        from .normalization import normalize
-
-        x = normalize(self.image(image_id).array, self._meta["normalization"])
-        if not plan.stem_sigmas:
-            return x
-        if self.dims == 2:
-            return np.stack([network_input(x[s], plan) for s in range(x.shape[0])])
-        return network_input(x, plan)
 
     def _warm_start(self, model, plan) -> str | None:
         """Load the newest readable checkpoint's matching weights; returns its name or None.
@@ -680,6 +707,12 @@ class Project:
     def __repr__(self) -> str:
         return (f"Project('{self.path}', classes={self.class_names}, dims={self.dims}, "
                 f"images={len(self.image_ids)}, round={self.round})")
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """k indices spread evenly over range(n)."""
+    k = min(k, n)
+    return sorted({int((i + 0.5) * n / k) for i in range(k)})
 
 
 def _check_class_names(names: list[str]) -> list[str]:
