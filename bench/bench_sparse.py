@@ -134,10 +134,15 @@ def correct(case, labels, predictions, args) -> dict[int, np.ndarray]:
             for i in case.paint}
 
 
-def run_engine(case: datasets.Case, strokes, args, workdir: Path) -> list[dict]:
+# Engine variants: the default (teacher pseudo-labels + gated pairwise term + masked CE) and
+# the ablation "ce" (masked cross-entropy on the strokes alone), which proves the choice.
+ENGINE_VARIANTS = {"engine": {}, "ce": dict(pseudo_labels=False, pairwise_weight=0.0)}
+
+
+def run_engine(case: datasets.Case, strokes, args, workdir: Path, method: str = "engine") -> list[dict]:
     from semsegloop import Project
 
-    proj = Project.create(workdir / f"{case.key}_engine", classes=case.classes, dims=case.dims)
+    proj = Project.create(workdir / f"{case.key}_{method}", classes=case.classes, dims=case.dims)
     ids = {i: proj.add_image(case.samples[i].image, name=case.samples[i].name)
            for i in case.paint + case.predict}
     labels = dict(strokes)
@@ -150,11 +155,11 @@ def run_engine(case: datasets.Case, strokes, args, workdir: Path) -> list[dict]:
             labels = correct(case, labels, painted_pred, args)
         for i in case.paint:
             proj.set_labels(ids[i], labels[i])
-        log(f"{case.key}: engine round {rnd}, training {args.train_seconds:g} s")
+        log(f"{case.key}: {method} round {rnd}, training {args.train_seconds:g} s")
         with PeakRSS() as mem_train:
             t0 = time.perf_counter()
             result = proj.train(time_budget_s=args.train_seconds, device=args.device,
-                                seed=args.seed)
+                                seed=args.seed, **ENGINE_VARIANTS[method])
             train_s = time.perf_counter() - t0
         score = Score(case.n_classes)
         log(f"{case.key}: engine round {rnd}, predicting {len(case.predict)} unseen images")
@@ -165,7 +170,7 @@ def run_engine(case: datasets.Case, strokes, args, workdir: Path) -> list[dict]:
                                          keep_strokes=False).labels
                 score.add(pred, case.samples[i].reference)
             pred_s = time.perf_counter() - t0
-        rows.append(dict(method="engine", round=rnd, dice=score.dice(), train_s=train_s,
+        rows.append(dict(method=method, round=rnd, dice=score.dice(), train_s=train_s,
                          predict_s=pred_s, steps=result.steps, device=result.device,
                          labeled=labeled_counts(labels, case.n_classes),
                          peak_train_mb=mem_train.peak_mb, peak_predict_mb=mem_pred.peak_mb,
@@ -322,7 +327,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(ALL_CASES),
                    help=f"comma-separated subset of {','.join(ALL_CASES)}")
-    p.add_argument("--methods", default="engine,rf", help="engine, rf or both (default both)")
+    p.add_argument("--methods", default="engine,ce,rf",
+                   help="comma-separated: engine (the default training), ce (ablation: masked "
+                        "cross-entropy on strokes only), rf (baseline); default all three")
     p.add_argument("--train-seconds", type=float, default=None,
                    help="engine training budget per round (default 60; 8 with --quick)")
     p.add_argument("--first-seconds", type=float, default=None,
@@ -345,8 +352,8 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown case(s) {bad}; choose from {','.join(ALL_CASES)}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not args.methods or any(m not in ("engine", "rf") for m in args.methods):
-        p.error("--methods takes engine, rf or engine,rf")
+    if not args.methods or any(m not in ("engine", "ce", "rf") for m in args.methods):
+        p.error("--methods takes a comma-separated subset of engine, ce, rf")
     if args.train_seconds is None:
         args.train_seconds = 8.0 if args.quick else 60.0
     if args.first_seconds is None:
@@ -400,8 +407,9 @@ def main(argv=None) -> int:
                                                               args.methods)
                 print_first(report["first_prediction"])
             runs = []
-            if "engine" in args.methods:
-                runs += run_engine(case, strokes, args, workdir)
+            for method in ENGINE_VARIANTS:
+                if method in args.methods:
+                    runs += run_engine(case, strokes, args, workdir, method)
             if "rf" in args.methods:
                 runs += run_rf(case, strokes, args)
             for r in runs:
