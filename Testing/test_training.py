@@ -281,5 +281,5 @@ def test_teacher_pseudo_labels_add_a_weighted_term_on_unpainted_pixels(tmp_path,
     proj.train(steps=2, device="cpu", pseudo_labels=True)
     steps = [r for r in proj.training_log() if r.get("event") == "step"]
     assert all("loss_pseudo" in r for r in steps)
-    assert steps[0]["loss"] == pytest.approx(steps[0]["loss_ce"] + 0.5 * steps[0]["loss_pseudo"],
+    assert steps[0]["loss"] == pytest.approx(steps[0]["loss_ce"] + 1.0 * steps[0]["loss_pseudo"],
                                              rel=1e-5)

@@ -111,7 +111,7 @@ class SparseLabelLoss:
     def __init__(self, pairwise_weight: float = 1.0, entropy_weight: float = 0.0,
                  sigma: float = 0.15, warmup_steps: int = 30, in_plane_only: bool = False,
                  class_weights: torch.Tensor | None = None, image_channels: int | None = None,
-                 pseudo_weight: float = 0.5):
+                 pseudo_weight: float = 1.0):
         self.pseudo_weight = pseudo_weight
         self.image_channels = image_channels  # the gate looks at the image, not derived features
         self.pairwise_weight = pairwise_weight
