@@ -12,7 +12,7 @@ import pytest
 
 import semsegloop
 from helpers_engine import (blob_volume, make_square_project, tiny_models,  # noqa: F401
-                            volume_strokes)
+                            square_image, square_strokes, volume_strokes)
 from semsegloop import ImageReadError, TrainingError
 from semsegloop.networks import load_preset, plan_network
 
@@ -283,3 +283,22 @@ def test_teacher_pseudo_labels_add_a_weighted_term_on_unpainted_pixels(tmp_path,
     assert all("loss_pseudo" in r for r in steps)
     assert steps[0]["loss"] == pytest.approx(steps[0]["loss_ce"] + 1.0 * steps[0]["loss_pseudo"],
                                              rel=1e-5)
+
+
+def test_teacher_labels_confident_pixels_and_stops_when_cancelled():
+    # The teacher runs before the first training step, so Stop must reach it too.
+    from semsegloop.pseudo_labels import teacher_pseudo_labels
+
+    img, ref = square_image(64, seed=0)
+    x = (img.astype(np.float32) / 255.0).reshape(1, 64, 64, 1)
+    strokes = square_strokes(64)[None]
+    unpainted = np.zeros_like(strokes)
+    out = teacher_pseudo_labels([x, x], [strokes, unpainted], 2, dims=2, seed=0)
+    assert all(o is not None and o.shape == strokes.shape for o in out)
+    painted = strokes > 0
+    assert np.array_equal(out[0][painted], strokes[painted])   # strokes always win
+    sure = out[1] > 0
+    assert sure.mean() > 0.5                                   # most pixels get a label
+    assert (out[1][sure] == ref[None][sure]).mean() > 0.9      # and they are mostly right
+    assert teacher_pseudo_labels([x, x], [strokes, unpainted], 2, dims=2,
+                                 cancel=lambda: True) == [None, None]

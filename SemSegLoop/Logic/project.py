@@ -387,7 +387,8 @@ class Project:
                 limit = None if time_budget_s is None else 0.35 * time_budget_s
                 pseudo = teacher_pseudo_labels(normed, [lab for _, lab in data], self.n_classes,
                                                self.dims, spacing, seed=seed,
-                                               n_jobs=tr.cpu_threads(), time_limit_s=limit)
+                                               n_jobs=tr.cpu_threads(), time_limit_s=limit,
+                                               cancel=tr.cancel_checker(cancel))
             images = [TrainingImage(network_input_stack(x, plan, self.dims), lab, i, ps)
                       for x, (i, lab), ps in zip(normed, data, pseudo)
                       if lab.any() or ps is not None]

@@ -41,14 +41,16 @@ def _features(x: np.ndarray, dims: int, spacing) -> np.ndarray:
 def teacher_pseudo_labels(images: list[np.ndarray], labels: list[np.ndarray], n_classes: int,
                           dims: int, spacing=None, confidence: float = 0.75,
                           n_trees: int = 48, seed: int = 0, n_jobs: int = 1,
-                          time_limit_s: float | None = None) -> list[np.ndarray | None]:
+                          time_limit_s: float | None = None,
+                          cancel=None) -> list[np.ndarray | None]:
     """Fit a forest on the painted pixels of ``images`` and label each image's confident pixels.
 
     ``images``: normalised (S, Y, X, C) float32; ``labels``: (S, Y, X) uint8 strokes (0 =
     unlabeled; images without strokes are pseudo-labelled only, in the order given, until
     ``time_limit_s``). Returns per image an (S, Y, X) uint8 map, 0 where the forest is less than
     ``confidence`` sure, or None for images left out because ``time_limit_s`` ran out.
-    Painted pixels keep their painted class.
+    Painted pixels keep their painted class. ``cancel`` (a zero-argument callable) is checked
+    between images and prediction chunks: once it returns True the remaining images get None.
     """
     from sklearn.ensemble import RandomForestClassifier
 
@@ -57,12 +59,14 @@ def teacher_pseudo_labels(images: list[np.ndarray], labels: list[np.ndarray], n_
     feats: list[np.ndarray | None] = [None] * len(images)
     X, y = [], []
     for n, (x, lab) in enumerate(zip(images, labels)):
-        if not lab.any():
+        if not lab.any() or (cancel is not None and cancel()):
             continue  # unpainted images are only pseudo-labelled, below
         feats[n] = _features(x, dims, spacing)
         m = lab > 0
         X.append(feats[n][m])
         y.append(lab[m])
+    if not X:  # cancelled before any painted image was read
+        return [None] * len(images)
     X = np.concatenate(X)
     y = np.concatenate(y)
     keep = []
@@ -77,8 +81,9 @@ def teacher_pseudo_labels(images: list[np.ndarray], labels: list[np.ndarray], n_
     forest.fit(X[keep], y[keep])
     classes = forest.classes_.astype(np.uint8)
     out: list[np.ndarray | None] = []
+    stop = cancel or (lambda: False)
     for n, (x, lab) in enumerate(zip(images, labels)):
-        if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
+        if stop() or (time_limit_s is not None and time.perf_counter() - t0 > time_limit_s):
             out.append(None)
             continue
         f = feats[n] if feats[n] is not None else _features(x, dims, spacing)
@@ -86,10 +91,15 @@ def teacher_pseudo_labels(images: list[np.ndarray], labels: list[np.ndarray], n_
         flat = f.reshape(-1, f.shape[-1])
         pseudo = np.zeros(flat.shape[0], np.uint8)
         for a in range(0, flat.shape[0], 1 << 18):  # bounded memory for big images
+            if stop():
+                break
             p = forest.predict_proba(flat[a:a + (1 << 18)])
             best = p.argmax(axis=1)
             sure = p[np.arange(len(best)), best] >= confidence
             pseudo[a:a + len(best)] = np.where(sure, classes[best], 0)
+        if stop():
+            out.append(None)
+            continue
         pseudo = pseudo.reshape(lab.shape)
         pseudo[lab > 0] = lab[lab > 0]
         out.append(pseudo)
