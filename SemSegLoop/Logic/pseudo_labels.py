@@ -19,6 +19,16 @@ log = logging.getLogger("semsegloop")
 
 TEACHER_SIGMAS = (1.0, 2.0, 4.0, 8.0)
 MAX_SAMPLES_PER_CLASS = 20_000
+# The filter bank of one image is held whole; larger images are left to the strokes alone
+# (a 512^3 CT would need ~7 GB of features).
+MAX_FEATURE_BYTES = 1.5 * 2**30
+
+
+def _fits(x: np.ndarray, dims: int) -> bool:
+    from .scale_space import feature_channels
+
+    voxels = int(np.prod(x.shape[:-1]))
+    return voxels * feature_channels(dims, x.shape[-1], TEACHER_SIGMAS) * 4 <= MAX_FEATURE_BYTES
 
 
 def available() -> bool:
@@ -56,16 +66,17 @@ def teacher_pseudo_labels(images: list[np.ndarray], labels: list[np.ndarray], n_
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
+    stop = cancel or (lambda: False)
     feats: list[np.ndarray | None] = [None] * len(images)
     X, y = [], []
     for n, (x, lab) in enumerate(zip(images, labels)):
-        if not lab.any() or (cancel is not None and cancel()):
+        if not lab.any() or not _fits(x, dims) or stop():
             continue  # unpainted images are only pseudo-labelled, below
         feats[n] = _features(x, dims, spacing)
         m = lab > 0
         X.append(feats[n][m])
         y.append(lab[m])
-    if not X:  # cancelled before any painted image was read
+    if not X:  # cancelled, or every painted image too large for the filter bank
         return [None] * len(images)
     X = np.concatenate(X)
     y = np.concatenate(y)
@@ -81,9 +92,9 @@ def teacher_pseudo_labels(images: list[np.ndarray], labels: list[np.ndarray], n_
     forest.fit(X[keep], y[keep])
     classes = forest.classes_.astype(np.uint8)
     out: list[np.ndarray | None] = []
-    stop = cancel or (lambda: False)
     for n, (x, lab) in enumerate(zip(images, labels)):
-        if stop() or (time_limit_s is not None and time.perf_counter() - t0 > time_limit_s):
+        if (stop() or not _fits(x, dims)
+                or (time_limit_s is not None and time.perf_counter() - t0 > time_limit_s)):
             out.append(None)
             continue
         f = feats[n] if feats[n] is not None else _features(x, dims, spacing)
