@@ -254,7 +254,8 @@ def test_checkpoint_with_a_flipped_byte_is_detected(tmp_path, tiny_models):
 def test_cancel_in_the_middle_of_a_step_keeps_the_weights_of_the_last_whole_step(tmp_path, tiny_models):
     # Reference: exactly one whole step.
     ref_proj, _, _ = make_square_project(tmp_path / "one_step")
-    ref_proj.train(steps=1, device="cpu", seed=3)
+    # (No teacher here: its own cancel checks are tested in test_training.py.)
+    ref_proj.train(steps=1, device="cpu", seed=3, pseudo_labels=False)
     ref_sha = json.loads((tmp_path / "one_step" / "checkpoints" / "round_001.json").read_text())["sha256"]
 
     # The engine asks "cancelled?" before each step and again after the forward pass (the long
@@ -267,7 +268,7 @@ def test_cancel_in_the_middle_of_a_step_keeps_the_weights_of_the_last_whole_step
         asked.append(1)
         return len(asked) >= 4
 
-    res = proj.train(steps=5, device="cpu", seed=3, cancel=cancel)
+    res = proj.train(steps=5, device="cpu", seed=3, cancel=cancel, pseudo_labels=False)
     assert res.cancelled and res.steps == 1
     record = json.loads((tmp_path / "p" / "checkpoints" / "round_001.json").read_text())
     assert record["sha256"] == ref_sha, "the half-done step must not leak into the saved model"

@@ -11,9 +11,11 @@ import numpy as np
 
 from .errors import TrainingError
 
-# Largest region handed to MONAI's sliding window at once. Its float32 accumulators scale with
-# K x region, so large volumes and slides are cut into overlapping slabs along the first axis.
-MAX_REGION_VOXELS = 24_000_000
+# Largest region handed to MONAI's sliding window at once. Its float32 accumulators take
+# 4 x (K + 2) bytes per voxel, so large volumes and slides are cut into slabs along the first
+# axis, as large as that budget allows (windows touching two slabs run twice: larger is faster).
+MAX_REGION_VOXELS = 64_000_000
+MAX_REGION_BYTES = 800 * 2**20
 
 
 @dataclass
@@ -93,7 +95,9 @@ def _predict_region_slabs(model, vol: np.ndarray, out: np.ndarray, plan, device,
     spatial = vol.shape[:-1]
     roi = inference_roi(plan, spatial)
     per_row = int(np.prod(spatial[1:]))
-    slab = max(roi[0], (MAX_REGION_VOXELS // max(per_row, 1)) // roi[0] * roi[0])
+    n_classes = out.shape[0]
+    region = min(MAX_REGION_VOXELS, MAX_REGION_BYTES // (4 * (n_classes + 2)))
+    slab = max(roi[0], (region // max(per_row, 1)) // roi[0] * roi[0])
     n0 = spatial[0]
     starts = _window_starts(n0, roi[0], overlap)
     start = 0
