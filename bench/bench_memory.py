@@ -11,42 +11,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import threading
 import time
 
 import numpy as np
 
-
-class PeakRSS:
-    """Samples this process's resident memory every 20 ms while the block runs."""
-
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.02)
-
-    def __enter__(self):
-        gc.collect()
-        self.start = self.rss()
-        self.peak = self.start
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.rss())
+from bench_sparse import PeakRSS
 
 
 def synthetic_ct(shape, seed=0) -> np.ndarray:
@@ -90,7 +59,7 @@ def main(argv=None) -> int:
         x = normalize(vol[..., None], spec)
         pred = predict_image(model, x, plan, device, a.classes)
         secs = time.perf_counter() - t0
-    rows.append(("semsegloop (slabs, float16)", secs, m.peak - m.start, m.peak))
+    rows.append(("semsegloop (slabs, float16)", secs, m.delta_mb, m.peak_mb))
     labels = pred.labels
     del pred, x
     gc.collect()
@@ -105,15 +74,15 @@ def main(argv=None) -> int:
                                                overlap=0.25, mode="gaussian")
                 base_labels = (out.argmax(1)[0] + 1).to(torch.uint8).numpy()
             secs = time.perf_counter() - t0
-        rows.append(("MONAI whole volume (float32)", secs, m.peak - m.start, m.peak))
+        rows.append(("MONAI whole volume (float32)", secs, m.delta_mb, m.peak_mb))
         agree = float((base_labels == labels).mean())
         del out, x
     print(f"{'method':<32}{'seconds':>9}{'added GiB':>11}{'peak RSS GiB':>14}")
     for name, s, added, peak in rows:
-        print(f"{name:<32}{s:>9.1f}{added / 2**30:>11.2f}{peak / 2**30:>14.2f}")
+        print(f"{name:<32}{s:>9.1f}{added / 1024:>11.2f}{peak / 1024:>14.2f}")
     if not a.skip_baseline:
         print(f"label agreement between the two: {agree:.4%}")
-    print(f"target: peak RSS < 4 GiB -> {'met' if rows[0][3] < 4 * 2**30 else 'NOT met'}")
+    print(f"target: peak RSS < 4 GiB -> {'met' if rows[0][3] < 4 * 1024 else 'NOT met'}")
     return 0
 
 
