@@ -9,7 +9,19 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-python -m pip install -q "${SEMSEGLOOP_TORCH:-torch==2.13.0}"
-python -m pip install -q -e ".[test,bench]"
+# The stamp records what was installed; the install runs again when pyproject.toml or the torch
+# spec changes, or when an import fails.
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) ${SEMSEGLOOP_TORCH:-torch==2.13.0}"
+stamp=.venv/.semsegloop-installed
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || \
+   ! python -c "import semsegloop.project, torch, monai, sklearn, skimage, slicer" >/dev/null 2>&1; then
+  python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  python -m pip install -q "${SEMSEGLOOP_TORCH:-torch==2.13.0}"
+  log=$(mktemp)
+  if ! python -m pip install -q -e ".[test,bench]" >"$log" 2>&1; then
+    cat "$log"; rm -f "$log"; exit 1
+  fi
+  rm -f "$log"   # setuptools' deprecation chatter on success is not worth reading
+  echo "$want" > "$stamp"
+fi
 python -c "import semsegloop, torch, monai; print('semsegloop', semsegloop.__version__, '| torch', torch.__version__, '| monai', monai.__version__)"
