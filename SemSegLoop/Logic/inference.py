@@ -45,8 +45,6 @@ def predict_image(model, image: np.ndarray, plan, device, n_classes: int,
     written into a preallocated float16 array region by region, so peak memory is about
     K x S x Y x X x 2 bytes plus one region's float32 work buffers.
     """
-    import torch
-
     if image.ndim != 4:
         raise TrainingError(f"predict_image expects (S, Y, X, C), got shape {image.shape}")
     S, Y, X, C = image.shape

@@ -185,16 +185,23 @@ def _check_segment_ids(segmentation_node, segment_ids: Sequence[str]) -> list[st
     return ids
 
 
+def _on_volume_grid(array, shape: tuple[int, int, int], what: str) -> np.ndarray:
+    """``array`` as (K, J, I) of a volume of ``shape``; (J, I) is accepted for one-slice volumes."""
+    values = np.asarray(array)
+    if values.ndim == 2 and shape[0] == 1:
+        values = values[None]  # the squeezed form of a one-slice (2D) image
+    if tuple(values.shape) != tuple(shape):
+        raise LabelError(f"{what} of shape {tuple(np.shape(array))} does not match the volume's "
+                         f"(slices, rows, columns) shape {tuple(shape)}")
+    return values
+
+
 def _as_labels(labels, shape: tuple[int, int, int], n_classes: int, what: str) -> np.ndarray:
     """Validate a label array against a volume shape and class count; return (K, J, I) uint8."""
     array = np.asarray(labels)
     if array.dtype.kind not in "uib":
         raise LabelError(f"{what}: labels must hold integers, got dtype {array.dtype}")
-    if array.ndim == 2 and shape[0] == 1:
-        array = array[None]  # the squeezed form of a one-slice (2D) image
-    if tuple(array.shape) != tuple(shape):
-        raise LabelError(f"{what}: labels of shape {tuple(np.shape(labels))} do not match the "
-                         f"volume's (slices, rows, columns) shape {tuple(shape)}")
+    array = _on_volume_grid(array, shape, f"{what}: labels")
     if array.size:
         low, high = int(array.min()), int(array.max())
         if low < 0 or high > n_classes:
@@ -358,12 +365,8 @@ def array_to_volume(scene, array, reference_volume, name: str):
     only. Returns the new vtkMRMLScalarVolumeNode.
     """
     shape = _require_volume(reference_volume, f"volume '{name}'")
-    values = np.asarray(array)
-    if values.ndim == 2 and shape[0] == 1:
-        values = values[None]
-    if tuple(values.shape) != shape:
-        raise LabelError(f"array for volume '{name}' has shape {tuple(np.shape(array))} but "
-                         f"reference volume {_describe(reference_volume)} is {shape}")
+    values = _on_volume_grid(array, shape, f"array for volume '{name}' (reference volume "
+                                           f"{_describe(reference_volume)})")
     if values.dtype.kind not in "uifb":
         raise LabelError(f"array for volume '{name}' has unsupported dtype {values.dtype}")
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
@@ -609,13 +612,7 @@ def merge_corrections(labels_segmentation, segment_ids: Sequence[str], reference
     current = segmentation_to_labels(labels_segmentation, ids, reference_volume)
     take = (current == 0) & np.isin(predicted, wanted)
     if mask is not None:
-        region = np.asarray(mask)
-        if region.ndim == 2 and shape[0] == 1:
-            region = region[None]
-        if tuple(region.shape) != shape:
-            raise LabelError(f"mask of shape {tuple(np.shape(mask))} for {what} does not match the "
-                             f"volume's shape {shape}")
-        take &= region.astype(bool)
+        take &= _on_volume_grid(mask, shape, f"mask for {what}").astype(bool)
     added = {c: 0 for c in wanted}
     values, counts = np.unique(predicted[take], return_counts=True)
     for value, count in zip(values.tolist(), counts.tolist()):

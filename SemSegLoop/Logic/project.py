@@ -26,7 +26,7 @@ import numpy as np
 from . import imageio
 from .atomic import atomic_write_text
 from .errors import (CheckpointError, ImageReadError, LabelError, ProjectError,
-                     SemSegLoopError, TrainingError)
+                     TrainingError)
 from .imageio import Geometry, ImageData
 
 log = logging.getLogger("semsegloop")

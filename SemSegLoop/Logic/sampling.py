@@ -140,7 +140,7 @@ class PatchSampler:
 def _crop_pad(arr: np.ndarray, starts, size) -> np.ndarray:
     """Crop ``size`` from the leading axes at ``starts``, reflect-padding outside the array."""
     nd = len(size)
-    src, dst, pads = [], [], []
+    src, pads = [], []
     for st, sz, n in zip(starts, size, arr.shape[:nd]):
         a, b = max(st, 0), min(st + sz, n)
         src.append(slice(a, b))
