@@ -50,7 +50,6 @@ def predict_image(model, image: np.ndarray, plan, device, n_classes: int,
     S, Y, X, C = image.shape
     if C != plan.in_channels:
         raise TrainingError(f"image has {C} channels but the model expects {plan.in_channels}")
-    from .networks import network_input
     probs = np.empty((n_classes, S, Y, X), dtype=np.float16)
     model.eval()
     units = range(S) if plan.dims == 2 else [None]
@@ -59,8 +58,7 @@ def predict_image(model, image: np.ndarray, plan, device, n_classes: int,
             raise InterruptedError("prediction cancelled")
         vol = image[s] if s is not None else image            # (Y,X,C) or (Z,Y,X,C)
         out = probs[:, s] if s is not None else probs          # view (K, Y, X) or (K, Z, Y, X)
-        _predict_region_slabs(model, vol, out, plan, device, overlap, cancel,
-                              lambda region: network_input(region, plan))
+        _predict_region_slabs(model, vol, out, plan, device, overlap, cancel)
         if progress is not None:
             progress((n + 1) / len(units))
     labels, entropy = labels_and_entropy(probs)
@@ -84,12 +82,11 @@ def labels_and_entropy(probs: np.ndarray, chunk: int = 4_000_000) -> tuple[np.nd
     return labels.reshape(shape), entropy.reshape(shape)
 
 
-def _predict_region_slabs(model, vol: np.ndarray, out: np.ndarray, plan, device, overlap, cancel,
-                          prepare):
+def _predict_region_slabs(model, vol: np.ndarray, out: np.ndarray, plan, device, overlap, cancel):
     """Fill ``out`` (K, *spatial) with probabilities for ``vol`` (*spatial, C), slab by slab.
 
-    ``prepare`` turns a slab into network input (scale-space features); each slab is widened
-    to the whole windows that touch it, so its kept rows equal the unsliced prediction."""
+    Each slab is widened to the whole windows that touch it, so its kept rows equal the
+    unsliced prediction."""
     spatial = vol.shape[:-1]
     roi = inference_roi(plan, spatial)
     per_row = int(np.prod(spatial[1:]))
@@ -107,7 +104,7 @@ def _predict_region_slabs(model, vol: np.ndarray, out: np.ndarray, plan, device,
         # kept get the same blend of the same windows as without slabs.
         touching = [p for p in starts if p < stop and p + roi[0] > start]
         a, b = min(touching), min(n0, max(touching) + roi[0])
-        p = _sliding_window(model, prepare(vol[a:b]), roi, plan, device, overlap)
+        p = _sliding_window(model, vol[a:b], roi, plan, device, overlap)
         out[:, start:stop] = p[:, start - a:stop - a]
         start = stop
 

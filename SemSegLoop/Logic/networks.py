@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import TrainingError
 
 PRESET_KEYS = {"name", "description", "dims", "network", "filters", "patch_size", "batch_size",
-               "learning_rate", "norm", "stem_sigmas"}
+               "learning_rate", "norm"}
 DEFAULT_PRESET = {2: "unet2d_fast", 3: "unet3d"}
 
 
@@ -80,8 +80,6 @@ class NetworkPlan:
     strides: list[list[int]]
     patch_size: list[int]
     norm: str = "instance"
-    stem_sigmas: list[float] | None = None      # scale-space feature stem (None: raw input only)
-    stem_spacing: list[float] | None = None     # voxel spacing the stem's sigmas are scaled by
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -139,45 +137,18 @@ def plan_network(preset: dict, in_channels: int, out_channels: int,
     size = [_ceil_to(p, d) for p, d in zip(size, div)]
     return NetworkPlan(dims=dims, in_channels=int(in_channels), out_channels=int(out_channels),
                        filters=list(preset["filters"]), kernel_size=kernels, strides=strides,
-                       patch_size=size, norm=preset.get("norm", "instance"),
-                       stem_sigmas=preset.get("stem_sigmas"), stem_spacing=sp)
+                       patch_size=size, norm=preset.get("norm", "instance"))
 
 
 def build_network(plan: NetworkPlan):
-    """The MONAI DynUNet for a plan: (B, C_net, *spatial) -> logits (B, K, *spatial), where
-    C_net = ``network_in_channels(plan)`` (image channels, plus scale-space features when the
-    preset asks for them)."""
+    """The MONAI DynUNet for a plan: (B, C_in, *spatial) -> logits (B, K, *spatial)."""
     from monai.networks.nets import DynUNet
 
-    return DynUNet(spatial_dims=plan.dims, in_channels=network_in_channels(plan),
+    return DynUNet(spatial_dims=plan.dims, in_channels=plan.in_channels,
                    out_channels=plan.out_channels, kernel_size=plan.kernel_size,
                    strides=plan.strides, upsample_kernel_size=plan.strides[1:],
                    filters=plan.filters, norm_name=plan.norm, deep_supervision=False,
                    res_block=False)
-
-
-def network_in_channels(plan: NetworkPlan) -> int:
-    from .scale_space import feature_channels
-
-    return feature_channels(plan.dims, plan.in_channels, plan.stem_sigmas)
-
-
-def network_input(region, plan: NetworkPlan):
-    """Normalised image region (*spatial, C) float32 -> what the network takes (*spatial, C_net)."""
-    from .scale_space import add_features
-
-    return add_features(region, plan.dims, plan.stem_sigmas, plan.stem_spacing)
-
-
-def network_input_stack(x, plan: NetworkPlan, dims: int):
-    """Whole normalised image (S, Y, X, C) -> network input; 2D stacks go slice by slice."""
-    import numpy as np
-
-    if not plan.stem_sigmas:
-        return x
-    if dims == 2:
-        return np.stack([network_input(x[s], plan) for s in range(x.shape[0])])
-    return network_input(x, plan)
 
 
 def _ceil_to(x: int, m: int) -> int:

@@ -343,7 +343,7 @@ class Project:
         from . import training as tr
         from .checkpoint import save_checkpoint
         from .losses import SparseLabelLoss
-        from .networks import build_network, load_preset, network_input_stack, plan_network
+        from .networks import build_network, load_preset, plan_network
         from .normalization import normalize
         from .pseudo_labels import available as teacher_available
         from .pseudo_labels import teacher_pseudo_labels
@@ -389,7 +389,7 @@ class Project:
                                                self.dims, spacing, seed=seed,
                                                n_jobs=tr.cpu_threads(), time_limit_s=limit,
                                                cancel=tr.cancel_checker(cancel))
-            images = [TrainingImage(network_input_stack(x, plan, self.dims), lab, i, ps)
+            images = [TrainingImage(x, lab, i, ps)
                       for x, (i, lab), ps in zip(normed, data, pseudo)
                       if lab.any() or ps is not None]
             del normed

@@ -1,11 +1,10 @@
-"""Scale-space input features for the UNet: Gaussian smoothing, gradient magnitude and Hessian
-eigenvalues (2D) or Laplacian (3D) at several scales, added to the image channels.
+"""Scale-space filter bank: Gaussian smoothing, gradient magnitude and Hessian eigenvalues (2D)
+or Laplacian (3D) at several scales, the features the pseudo-label teacher classifies.
 
-Why: these are the features an ilastik-style random forest classifies, and a network trained
-for a minute on a laptop CPU cannot learn ridge and blob detectors at scale 8 from ~1% painted
-pixels. Handing them over lets the UNet spend its steps on context. They are computed with
-separable 1D filters in numpy (scipy), region by region, so memory follows the region, and the
-network plan records the scales so prediction computes exactly what training saw."""
+They are what an ilastik-style random forest separates classes with, computed with separable
+1D filters in numpy (scipy); sigmas follow the voxel spacing so the filters are isotropic in
+physical space. (Fed to the UNet as extra input channels they gave no gain in the benchmark,
+so only the teacher uses them.)"""
 
 from __future__ import annotations
 
