@@ -179,10 +179,10 @@ def cmd_add(a) -> int:
                                   disable=len(a.images) < 3)):
         # Labels are read and checked first, so a bad labels file adds nothing.
         labels = imageio.read_labels(a.labels[n])[0] if a.labels else None
+        image = imageio.read_image(path, dims=proj.dims)
         if labels is not None:
-            image = imageio.read_image(path, dims=proj.dims)
             proj.check_labels(image.array.shape[:3], labels, f"labels '{a.labels[n]}'")
-        image_id = proj.add_image(path, spacing=a.spacing, copy=not a.reference)
+        image_id = proj.add_image(image, spacing=a.spacing, copy=not a.reference)
         if labels is not None:
             proj.set_labels(image_id, labels)
         print(f"{image_id}\t{path}")

@@ -194,13 +194,11 @@ class Project:
         reference to a file on disk (the project then needs that file to stay where it is).
         Returns the new image id.
         """
-        if isinstance(source, ImageData):
-            image = source
-        elif isinstance(source, (str, os.PathLike)):
-            image = imageio.read_image(source, dims=self.dims)
+        if isinstance(source, (ImageData, str, os.PathLike)):
+            image = source if isinstance(source, ImageData) else imageio.read_image(source, dims=self.dims)
             if spacing is not None:  # the file's spacing is wrong or missing (PNG, TIFF)
                 g = image.geometry
-                image = ImageData(image.array, Geometry(imageio._spacing_tuple(spacing, str(source)),
+                image = ImageData(image.array, Geometry(imageio._spacing_tuple(spacing, image.name),
                                                         g.origin, g.direction),
                                   image.name, image.source)
         else:
