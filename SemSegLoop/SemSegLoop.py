@@ -54,7 +54,7 @@ def _importEngine(moduleDir=None):
 
 
 semsegloop = _importEngine()
-from semsegloop import session  # noqa: E402  (needs the engine registered first)
+from semsegloop.slicer import panel as session  # noqa: E402  (needs the engine registered first)
 
 IMAGE_ID_ATTRIBUTE = "SemSegLoop.imageId"
 PROJECT_ATTRIBUTE = "SemSegLoop.project"
@@ -593,7 +593,7 @@ class _SharedJobs:
     @classmethod
     def getWorker(cls):
         if cls.worker is None or not cls.worker.is_alive():
-            from semsegloop.worker import TrainingWorker
+            from semsegloop.slicer.worker import TrainingWorker
             cls.worker = TrainingWorker()
         return cls.worker
 
@@ -670,7 +670,7 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
 
     def availablePresets(self, dims=None) -> dict:
         """{preset name: description} of the network presets, for ``dims`` if given."""
-        from semsegloop.networks import list_presets
+        from semsegloop.learn.networks import list_presets
         return {name: preset.get("description", "") for name, preset in list_presets().items()
                 if dims is None or preset["dims"] == dims}
 
@@ -679,7 +679,8 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
 
     def loadImageFolder(self, folder, name=None):
         """Load a folder of same-size 2D images (natural order, grey or RGB) as one stack volume."""
-        from semsegloop import imageio, mrml_bridge
+        from semsegloop.data import imageio
+        from semsegloop.slicer import mrml_bridge
         if session.is_unset_path(folder):
             raise semsegloop.ImageReadError(_("Choose a folder of 2D images first."))
         image = imageio.read_image(folder, dims=2)  # names the odd file if sizes differ
@@ -690,7 +691,7 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
 
     def addVolume(self, volumeNode) -> str:
         """Add a scene volume to the project (copying its voxels); returns its image id."""
-        from semsegloop import mrml_bridge
+        from semsegloop.slicer import mrml_bridge
         project = self._requireProject()
         imageId = self.imageIdForVolume(volumeNode)
         if imageId is not None:
@@ -715,7 +716,7 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
 
     def loadProjectIntoScene(self) -> list:
         """Bring every project image (and its labels) into the scene unless already there."""
-        from semsegloop import mrml_bridge
+        from semsegloop.slicer import mrml_bridge
         project = self._requireProject()
         volumes = []
         for imageId in project.image_ids:
@@ -737,7 +738,7 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
         """Rename, recolour or add classes (``names``/``colors`` in label order) in the project and
         the labels segmentations; ``removed`` names classes deleted, whose segments (and strokes)
         are removed too. Segments keep their identity through tags, so renaming keeps strokes."""
-        from semsegloop import mrml_bridge
+        from semsegloop.slicer import mrml_bridge
         classes = session.make_classes(names, colors)
         hasLabels = bool(self.project is not None and self.project.labeled_image_ids())
         old = self.project.class_names if self.project is not None else list(names) + list(removed)
@@ -759,7 +760,7 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
     def labelsSegmentation(self, volumeNode, classes=None):
         """The "<volume> labels" segmentation of a volume, created if needed, with one segment per
         class (label k = classes[k-1]) and the volume as its reference geometry."""
-        from semsegloop import mrml_bridge
+        from semsegloop.slicer import mrml_bridge
         seg = volumeNode.GetNodeReference(LABELS_REFERENCE_ROLE)
         if seg is None:
             seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", session.labels_name(volumeNode.GetName()))
@@ -773,7 +774,7 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
 
     def labelsArray(self, volumeNode):
         """The painted labels of a volume as a (S, Y, X) uint8 array (0 = unlabeled)."""
-        from semsegloop import mrml_bridge
+        from semsegloop.slicer import mrml_bridge
         project = self._requireProject()
         seg = self.labelsSegmentation(volumeNode)
         mrml_bridge.check_geometry_matches(seg, volumeNode)
@@ -794,7 +795,7 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
     def ensureDependencies(self, askConfirmation=True) -> bool:
         """Install what is missing after asking; False if the person declined. Main thread only
         (pip from a worker thread crashes Slicer 5.12). Never installs at import time."""
-        from semsegloop import dependencies as deps
+        from semsegloop.slicer import dependencies as deps
         deps.ensure_compatible()
         missing = deps.missing_requirements()
         if not missing:
@@ -1025,7 +1026,7 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
 
     def _showPredictions(self, results, showUncertainty) -> dict:
         """Add one segmentation (and optionally an uncertainty overlay) per predicted volume."""
-        from semsegloop import mrml_bridge
+        from semsegloop.slicer import mrml_bridge
         project = self.project
         shown = {}
         multiple = len(project.image_ids) > 1
@@ -1056,7 +1057,7 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
         """Copy the prediction (as it is now: erase parts of it first to keep them out) into the
         volume's labels where nothing is painted yet. ``classes``: class values 1..K to copy
         (default all). Returns {class value: voxels added}. The caller saves undo state."""
-        from semsegloop import mrml_bridge
+        from semsegloop.slicer import mrml_bridge
         project = self._requireProject()
         if volumeNode is None or predictionSegmentation is None:
             raise semsegloop.LabelError(_("Select the image and its prediction segmentation first."))
@@ -1090,7 +1091,7 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
     def compareWithReference(self, volumeNode, referenceSegmentation, wait=False):
         """Dice, Jaccard, HD95 and mean surface distance of the latest prediction of a volume
         against a reference segmentation whose segments are named like the classes."""
-        from semsegloop import mrml_bridge
+        from semsegloop.slicer import mrml_bridge
         project = self._requireProject()
         if referenceSegmentation is None:
             raise semsegloop.LabelError(_("Select a reference segmentation first."))
@@ -1169,7 +1170,7 @@ class SemSegLoopTest(ScriptedLoadableModuleTest):
     def _paint(self, logic, volume, strokes):
         import numpy as np
         seg = logic.labelsSegmentation(volume)
-        from semsegloop import mrml_bridge
+        from semsegloop.slicer import mrml_bridge
         ids = mrml_bridge.ensure_class_segments(seg, logic.project.classes)
         for segmentId, (rows, cols) in zip(ids, strokes):
             mask = np.zeros((1, 64, 64), np.uint8)
@@ -1199,7 +1200,7 @@ class SemSegLoopTest(ScriptedLoadableModuleTest):
                          ["dark", "bright"])
         self.assertEqual(tuple(np.round(np.array(segmentation.GetNthSegment(0).GetColor()) * 255)),
                          tuple(project.classes[0]["color"]))
-        from semsegloop import mrml_bridge
+        from semsegloop.slicer import mrml_bridge
         predicted = mrml_bridge.segmentation_to_labels(prediction, mrml_bridge.ensure_class_segments(prediction, project.classes), volume)
         self.assertTrue(set(np.unique(predicted)) <= {1, 2})
         np.testing.assert_array_equal(predicted[painted > 0], painted[painted > 0])  # strokes win

@@ -11,13 +11,13 @@ def mrml_scene():
     """A fresh ``slicer.vtkMRMLScene`` with a Segmentations module logic registered on it.
 
     The logic (``vtkSlicerSegmentationsModuleLogic`` + ``SetMRMLScene(scene)``) is what lets
-    segments hold binary label maps; it is made through ``semsegloop.mrml_bridge.
+    segments hold binary label maps; it is made through ``semsegloop.slicer.mrml_bridge.
     segmentations_logic`` so the bridge and the tests share one logic per scene, as in the app.
     The colour logic adds Slicer's default colour tables ("Labels", "Grey", ...), without which
     every label map display node logs a missing-colour-table warning. Skipped without slicer-core.
     """
     slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML) is not installed")
-    from semsegloop import mrml_bridge
+    from semsegloop.slicer import mrml_bridge
 
     scene = slicer.vtkMRMLScene()
     colors = slicer.vtkMRMLColorLogic()

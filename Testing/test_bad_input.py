@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import semsegloop
-import semsegloop.atomic
+import semsegloop.data.atomic
 from helpers_engine import make_square_project, square_image, tiny_models  # noqa: F401
 from semsegloop import (CheckpointError, ImageReadError, LabelError, ProjectError,
                         SemSegLoopError)
-from semsegloop.imageio import Geometry
+from semsegloop.data.imageio import Geometry
 
 
 @pytest.fixture
@@ -293,7 +293,7 @@ def test_disk_full_while_saving_labels_keeps_the_old_labels_and_project(tmp_path
 
     new = old_labels.copy()
     new[0, 20:30, 20:30] = 2
-    monkeypatch.setattr(semsegloop.atomic.os, "replace", _disk_full)
+    monkeypatch.setattr(semsegloop.data.atomic.os, "replace", _disk_full)
     with pytest.raises((OSError, SemSegLoopError)) as info:
         proj.set_labels(image_id, new)
     monkeypatch.undo()
@@ -313,7 +313,7 @@ def test_disk_full_while_saving_labels_keeps_the_old_labels_and_project(tmp_path
 def test_disk_full_while_adding_an_image_leaves_the_project_as_it_was(project, monkeypatch):
     proj, image_id = project
     old_json = (proj.path / "project.json").read_bytes()
-    monkeypatch.setattr(semsegloop.atomic.os, "replace", _disk_full)
+    monkeypatch.setattr(semsegloop.data.atomic.os, "replace", _disk_full)
     with pytest.raises((OSError, SemSegLoopError)):
         proj.add_image(square_image(48, seed=9)[0], name="second")
     monkeypatch.undo()
@@ -331,7 +331,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_earlier_rounds(tmp_path, tiny
     labels_before = (tmp_path / "p" / "labels" / f"{image_id}.nrrd").read_bytes()
     pred_before = proj.predict(image_id, save=False)
 
-    monkeypatch.setattr(semsegloop.atomic.os, "replace", _disk_full)
+    monkeypatch.setattr(semsegloop.data.atomic.os, "replace", _disk_full)
     with pytest.raises(SemSegLoopError) as info:
         proj.train(steps=2, device="cpu")
     monkeypatch.undo()

@@ -13,7 +13,7 @@ import pytest
 import semsegloop
 from helpers_engine import (copy_project, dice, make_square_project, square_image,  # noqa: F401
                             square_strokes, tiny_models)
-from semsegloop import imageio
+from semsegloop.data import imageio
 
 TRAIN_STEPS = 40
 

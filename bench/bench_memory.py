@@ -39,9 +39,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import torch
 
-    from semsegloop.inference import inference_roi, predict_image
-    from semsegloop.networks import build_network, load_preset, plan_network
-    from semsegloop.normalization import normalize
+    from semsegloop.predict.sliding_window import inference_roi, predict_image
+    from semsegloop.learn.networks import build_network, load_preset, plan_network
+    from semsegloop.data.normalization import normalize
 
     shape = tuple(int(v) for v in a.shape.split(","))
     vol = synthetic_ct(shape)

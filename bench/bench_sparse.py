@@ -114,7 +114,7 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------ the runs
 
 def make_strokes(case: datasets.Case, args) -> dict[int, np.ndarray]:
-    from semsegloop.strokes import simulate_strokes
+    from semsegloop.measure.simulate import simulate_strokes
 
     return {i: simulate_strokes(case.samples[i].reference, case.n_classes,
                                 pixels_per_class=args.pixels, brush_radius=1,
@@ -127,7 +127,7 @@ def labeled_counts(labels: dict[int, np.ndarray], K: int) -> list[int]:
 
 
 def correct(case, labels, predictions, args) -> dict[int, np.ndarray]:
-    from semsegloop.strokes import simulate_correction
+    from semsegloop.measure.simulate import simulate_correction
 
     return {i: simulate_correction(labels[i], predictions[i], case.samples[i].reference,
                                    n_regions=5, radius=3, dims=case.dims, seed=args.seed + i)

@@ -1,7 +1,7 @@
 """Loaders for the benchmark's real labeled data in ../shared/data: images plus dense reference
 label maps in the engine's conventions (classes 1..K), and which images get painted.
 
-Each loader returns a :class:`Case`. Images are ``semsegloop.imageio.ImageData`` (canonical
+Each loader returns a :class:`Case`. Images are ``semsegloop.data.imageio.ImageData`` (canonical
 (S, Y, X, C) arrays with geometry) so they go straight into ``Project.add_image``; references
 are (S, Y, X) uint8 with values 1..K (0 would mean "no ground truth" and is not used here).
 """
@@ -26,7 +26,7 @@ FOLDERS = {
 @dataclass
 class Sample:
     name: str
-    image: "object"            # semsegloop.imageio.ImageData, (S, Y, X, C)
+    image: "object"            # semsegloop.data.imageio.ImageData, (S, Y, X, C)
     reference: np.ndarray      # (S, Y, X) uint8, 1..K
 
 
@@ -60,7 +60,7 @@ def _unseen(n: int, paint: list[int], limit: int | None) -> list[int]:
 
 
 def _image(array: np.ndarray, name: str, source: Path, spacing=(1.0, 1.0, 1.0)):
-    from semsegloop.imageio import Geometry, ImageData
+    from semsegloop.data.imageio import Geometry, ImageData
 
     arr = np.ascontiguousarray(array)
     if arr.ndim == 2:
@@ -79,7 +79,7 @@ def require(data: Path, key: str) -> Path:
 
 def load_isbi(data: Path = DEFAULT_DATA, n_paint: int = 3, max_unseen: int | None = None) -> Case:
     """ISBI 2012 EM: 30 slices 512^2; label 0 (membrane) -> 1, 255 (interior) -> 2."""
-    from semsegloop.imageio import read_image
+    from semsegloop.data.imageio import read_image
 
     folder = require(data, "isbi")
     samples = []
@@ -96,7 +96,7 @@ def load_isbi(data: Path = DEFAULT_DATA, n_paint: int = 3, max_unseen: int | Non
 def load_nuclei(data: Path = DEFAULT_DATA, n_paint: int = 3, max_unseen: int | None = None) -> Case:
     """MICCAI 2015 H&E nuclei: 15 RGB tiles; instance id 0 -> background 1, > 0 -> nucleus 2."""
     import tifffile
-    from semsegloop.imageio import read_image
+    from semsegloop.data.imageio import read_image
 
     folder = require(data, "nuclei")
     samples = []
@@ -139,7 +139,7 @@ def load_hippocampus(data: Path = DEFAULT_DATA, n_paint: int = 4, n_unseen: int 
     of neighbours.
     """
     import SimpleITK as sitk
-    from semsegloop.imageio import read_image
+    from semsegloop.data.imageio import read_image
 
     folder = require(data, "hippocampus")
     names = sorted(p.name for p in (folder / "imagesTr").glob("*.nii.gz"))

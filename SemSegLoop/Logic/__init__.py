@@ -4,7 +4,7 @@ Imported as ``semsegloop`` everywhere (pip install, CLI, tests, and inside Slice
 module's own loader). Importing it is cheap: torch and MONAI load only when training or predicting.
 """
 
-from .errors import (CheckpointError, ImageReadError, LabelError, ProjectError,
+from semsegloop.errors import (CheckpointError, ImageReadError, LabelError, ProjectError,
                      SemSegLoopError, TrainingError)
 
 __version__ = "0.1.0"
@@ -16,6 +16,6 @@ __all__ = ["Project", "SemSegLoopError", "ProjectError", "ImageReadError", "Labe
 def __getattr__(name):
     # Project pulls in SimpleITK; keep `import semsegloop` light for Slicer's module scan.
     if name == "Project":
-        from .project import Project
+        from semsegloop.project import Project
         return Project
     raise AttributeError(f"module 'semsegloop' has no attribute {name!r}")

@@ -23,11 +23,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import imageio
-from .atomic import atomic_write_text
-from .errors import (CheckpointError, ImageReadError, LabelError, ProjectError,
+from semsegloop.data import imageio
+from semsegloop.data.atomic import atomic_write_text
+from semsegloop.errors import (CheckpointError, ImageReadError, LabelError, ProjectError,
                      TrainingError)
-from .imageio import Geometry, ImageData
+from semsegloop.data.imageio import Geometry, ImageData
 
 log = logging.getLogger("semsegloop")
 
@@ -68,13 +68,13 @@ class Project:
             raise ProjectError(f"'{path}' already holds a project; use Project.open")
         if path.exists() and not path.is_dir():
             raise ProjectError(f"'{path}' exists and is not a folder")
-        from .networks import DEFAULT_PRESET, load_preset
+        from semsegloop.learn.networks import DEFAULT_PRESET, load_preset
 
         preset = preset or DEFAULT_PRESET[dims]
         if load_preset(preset)["dims"] != dims:
             raise ProjectError(f"network preset '{preset}' is not a {dims}D network")
         if normalization is not None:
-            from .normalization import validate_normalization
+            from semsegloop.data.normalization import validate_normalization
             normalization = validate_normalization(normalization)
         cls_list = []
         for i, n in enumerate(names):
@@ -216,7 +216,7 @@ class Project:
             raise ImageReadError(f"image '{name}' has {image.channels} channel(s) but project "
                                  f"'{self.path.name}' has {self.channels}")
         if not self._meta.get("normalization"):
-            from .normalization import detect_normalization
+            from semsegloop.data.normalization import detect_normalization
             self._meta["normalization"] = detect_normalization(image, dims=self.dims)
         image_id = self._new_id(name)
         entry = {"id": image_id, "name": name, "shape": list(image.array.shape),
@@ -338,14 +338,12 @@ class Project:
             raise TrainingError(f"time_budget_s must be positive (got {time_budget_s})")
         if steps is not None and steps < 1:
             raise TrainingError(f"steps must be at least 1 (got {steps})")
-        from . import training as tr
-        from .checkpoint import save_checkpoint
-        from .losses import SparseLabelLoss
-        from .networks import build_network, load_preset, plan_network
-        from .normalization import normalize
-        from .pseudo_labels import available as teacher_available
-        from .pseudo_labels import teacher_pseudo_labels
-        from .sampling import PatchSampler, TrainingImage
+        from semsegloop.learn import training as tr
+        from semsegloop.learn.checkpoint import save_checkpoint
+        from semsegloop.learn.networks import load_preset
+        from semsegloop.learn.round import RoundImage, RoundSettings, run_round
+        from semsegloop.learn.teacher import available as teacher_available
+        from semsegloop.data.normalization import normalize
 
         with self._lock:
             ids = image_ids or self.labeled_image_ids()
@@ -365,10 +363,6 @@ class Project:
                 raise TrainingError(f"network preset '{preset_name}' is {pre['dims']}D but the "
                                     f"project is {self.dims}D")
             norm = self._meta["normalization"]
-            spacing = self.geometry(data[0][0]).spacing
-            biggest = tuple(int(v) for v in np.max([lab.shape for _, lab in data], axis=0))
-            plan = plan_network(pre, self.channels, self.n_classes, spacing=spacing,
-                                image_shape=biggest if self.dims == 3 else biggest[1:])
             use_teacher = pseudo_labels if pseudo_labels is not None else teacher_available()
             if use_teacher:
                 # Unpainted images of the collection join as pseudo-labelled context, spread
@@ -379,46 +373,23 @@ class Project:
                 others = [others[j] for j in _spread(len(others), MAX_PSEUDO_ONLY_IMAGES)]
                 data = data + [(i, np.zeros(tuple(self._entry(i)["shape"][:3]), np.uint8))
                                for i in others]
-            normed = [normalize(self.image(i).array, norm) for i, _ in data]
-            pseudo = [None] * len(data)
-            if use_teacher:
-                limit = None if time_budget_s is None else 0.35 * time_budget_s
-                pseudo = teacher_pseudo_labels(normed, [lab for _, lab in data], self.n_classes,
-                                               self.dims, spacing, seed=seed,
-                                               n_jobs=tr.cpu_threads(), time_limit_s=limit,
-                                               cancel=tr.cancel_checker(cancel))
-            images = [TrainingImage(x, lab, i, ps)
-                      for x, (i, lab), ps in zip(normed, data, pseudo)
-                      if lab.any() or ps is not None]
-            del normed
-            device_t = tr.select_device(device)
-            tr.seed_everything(seed)
-            model = build_network(plan)
-            warm = self._warm_start(model, plan)
-            anisotropic = self.dims == 3 and max(spacing) > 2 * min(spacing)
-            sampler = PatchSampler(images, self.n_classes, plan.patch_size, self.dims, seed=seed,
-                                   in_plane_aug_only=anisotropic or self.dims == 2,
-                                   image_channels=self.channels)
-            pw = 1.0 if pairwise_weight is None else pairwise_weight
-            loss_fn = SparseLabelLoss(pairwise_weight=pw, in_plane_only=anisotropic,
-                                      image_channels=self.channels)
+            images = [RoundImage(i, normalize(self.image(i).array, norm), lab) for i, lab in data]
             round_index = self.round + 1
-            validate = None
+            settings = RoundSettings(
+                n_classes=self.n_classes, dims=self.dims, channels=self.channels,
+                spacing=self.geometry(data[0][0]).spacing, preset=pre, round_index=round_index,
+                time_budget_s=time_budget_s, steps=steps, device=device, seed=seed,
+                pairwise_weight=pairwise_weight, use_teacher=use_teacher)
+            validator = None
             if reference:
-                validate = self._validator(model, plan, device_t, reference)
+                validator = lambda model, plan, dev: self._validator(model, plan, dev, reference)
             logf = self._logger()
-            logf({"event": "train_start", "round": round_index, "preset": preset_name,
-                  "images": ids, "device": str(device_t), "warm_start": warm,
-                  "steps": steps, "time_budget_s": time_budget_s, "patch_size": plan.patch_size})
-            budget = None
-            if time_budget_s is not None:  # preparation (teacher, features) counts in the budget
-                budget = max(1.0, time_budget_s - (_time.perf_counter() - t_start))
-            n_steps, seconds, last_loss, cancelled, val = tr.run_training(
-                model, sampler, loss_fn, device=device_t, round_index=round_index,
-                batch_size=int(pre["batch_size"]), learning_rate=float(pre["learning_rate"]),
-                steps=steps, time_budget_s=budget, progress=progress, cancel=cancel,
-                validate=validate, log=logf, seed=seed)
-            seconds = _time.perf_counter() - t_start  # the whole round, preparation included
+            out = run_round(images, settings, warm_start=self._warm_start,
+                            make_validator=validator, progress=progress, cancel=cancel,
+                            log=logf, started=t_start)
+            del images
+            n_steps, last_loss, cancelled, val = out.steps, out.final_loss, out.cancelled, out.val_dice
+            seconds, plan, model, device_t = out.seconds, out.plan, out.model, out.device
             ckpt = None
             if n_steps > 0:
                 name = f"round_{round_index:03d}"
@@ -432,10 +403,10 @@ class Project:
                     "round": round_index, "finished": _now(), "preset": preset_name,
                     "steps": n_steps, "seconds": round(seconds, 3), "final_loss": last_loss,
                     "cancelled": cancelled, "checkpoint": ckpt, "device": str(device_t),
-                    "warm_start": warm, "images": ids, "val_dice": val,
+                    "warm_start": out.warm_start, "images": ids, "val_dice": val,
                     "labeled_pixels": _counts_total(data, self.n_classes)})
                 self.save()
-                self._model = (round_index, plan, model.eval())
+                self._model = (round_index, plan, model)
             result = tr.TrainResult(round=round_index if n_steps else self.round, steps=n_steps,
                                     seconds=seconds, final_loss=last_loss, cancelled=cancelled,
                                     checkpoint=ckpt, device=str(device_t), val_dice=val)
@@ -449,13 +420,13 @@ class Project:
                                           device=str(device_t)))
             return result
 
-    def _warm_start(self, model, plan) -> str | None:
+    def _warm_start(self, model) -> str | None:
         """Load the newest readable checkpoint's matching weights; returns its name or None.
 
         Layers whose shapes changed (a class added, other channels) start fresh; a damaged
         newest checkpoint falls back to the round before it, with a warning.
         """
-        from .checkpoint import load_checkpoint
+        from semsegloop.learn.checkpoint import load_checkpoint
 
         for r in reversed(self._meta["rounds"]):
             if not r.get("checkpoint"):
@@ -479,9 +450,9 @@ class Project:
         return p.parent, p.name
 
     def _validator(self, model, plan, device, reference: dict):
-        from .metrics import dice_per_class
-        from .normalization import normalize
-        from .inference import predict_image
+        from semsegloop.measure.metrics import dice_per_class
+        from semsegloop.data.normalization import normalize
+        from semsegloop.predict.sliding_window import predict_image
 
         refs = {i: self._check_reference(i, r) for i, r in reference.items()}
         imgs = {i: normalize(self.image(i).array, self._meta["normalization"]) for i in refs}
@@ -535,9 +506,9 @@ class Project:
     # ---------------------------------------------------------------- prediction
     def load_model(self, round: int | None = None, device: str = "auto"):
         """(round, plan, model) for ``round`` (default: the latest trained round)."""
-        from . import training as tr
-        from .checkpoint import load_checkpoint
-        from .networks import NetworkPlan, build_network
+        from semsegloop.learn import training as tr
+        from semsegloop.learn.checkpoint import load_checkpoint
+        from semsegloop.learn.networks import NetworkPlan, build_network
 
         done = [r for r in self._meta["rounds"] if r.get("checkpoint")]
         if not done:
@@ -585,9 +556,9 @@ class Project:
         strokes win over the network). ``save`` writes predictions/round_NNN/<id>.nrrd (and a
         TIFF for 2D) plus the uncertainty map; the labels file is never touched.
         """
-        from . import training as tr
-        from .inference import predict_image
-        from .normalization import normalize
+        from semsegloop.learn import training as tr
+        from semsegloop.predict.sliding_window import predict_image
+        from semsegloop.data.normalization import normalize
 
         with self._lock:
             r, plan, model = self.load_model(round=round, device=device)
@@ -645,7 +616,7 @@ class Project:
         ``references``: {image_id: label map (values 1..K, 0 = not annotated, ignored)}.
         Uses the saved prediction of the latest round, predicting it when missing.
         """
-        from .metrics import evaluate_labels
+        from semsegloop.measure.metrics import evaluate_labels
 
         out = {"round": self.round, "images": {}}
         per_class: dict[str, list[float]] = {n: [] for n in self.class_names}
@@ -669,7 +640,7 @@ class Project:
     def class_fractions(self, image_ids: list[str] | None = None, csv_path=None,
                         predict_missing: bool = True) -> list[dict]:
         """Per image and class: pixel count, fraction, physical area (2D) or volume (3D)."""
-        from .class_fractions import class_fractions, write_fractions_csv
+        from semsegloop.measure.class_fractions import class_fractions, write_fractions_csv
 
         rows = []
         for image_id in image_ids or self.image_ids:

@@ -1,0 +1,293 @@
+"""The `semsegloop` command: init | add | train | predict | evaluate | export | demo.
+
+Every error the user can fix prints one line `semsegloop: error: ...` and exits with 2;
+Ctrl-C during training stops at the next step and keeps the model trained so far."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from semsegloop.errors import SemSegLoopError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="semsegloop", description=(
+        "Human-in-the-loop semantic segmentation: train a UNet on a few painted strokes, "
+        "predict every image, correct, train again."))
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="create a project folder",
+                       description="Create a project folder with its classes.")
+    s.add_argument("project", type=Path)
+    s.add_argument("--classes", required=True,
+                   help="comma-separated class names in label order, e.g. collagen,cell,background")
+    s.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2D images/stacks or 3D volumes")
+    s.add_argument("--preset", help="network preset from models/ (default: unet2d_fast / unet3d)")
+    s.add_argument("--colors", help="semicolon-separated r,g,b per class, e.g. '255,0,0;0,255,0'")
+
+    s = sub.add_parser("add", help="add images (and their painted labels)",
+                       description="Add image files or folders (2D stack / DICOM series).")
+    s.add_argument("project", type=Path)
+    s.add_argument("images", nargs="+", type=Path)
+    s.add_argument("--labels", nargs="+", type=Path,
+                   help="label maps (0 = unlabeled, k = class k), one per image, same order")
+    s.add_argument("--spacing", type=_floats, help="override spacing: y,x (2D) or z,y,x")
+    s.add_argument("--reference", action="store_true",
+                   help="keep a reference to the files instead of copying them into the project")
+
+    s = sub.add_parser("train", help="train one round on the painted labels",
+                       description="Train one round (warm start from the previous round).")
+    s.add_argument("project", type=Path)
+    g = s.add_argument_group("budget (default: 60 s)")
+    g.add_argument("--time", type=float, dest="time_budget_s", help="seconds of training")
+    g.add_argument("--steps", type=int, help="number of training steps")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    s.add_argument("--preset", help="network preset for this round")
+    s.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("predict", help="predict images with the latest model",
+                       description="Predict images; results go to predictions/round_NNN/.")
+    s.add_argument("project", type=Path)
+    s.add_argument("--images", nargs="+", help="image ids (default: all)")
+    s.add_argument("--device", default="auto")
+
+    s = sub.add_parser("evaluate", help="Dice / Jaccard / HD95 / MSD against reference labels",
+                       description="Compare the latest predictions with reference label maps.")
+    s.add_argument("project", type=Path)
+    s.add_argument("--reference", nargs="+", required=True, metavar="ID=PATH",
+                   help="reference label map per image id (values 1..K, 0 = not annotated)")
+    s.add_argument("--json", type=Path, help="also write the full report as JSON")
+
+    s = sub.add_parser("export", help="write label maps and the class-fraction table",
+                       description="Export the latest predictions and per-class fractions.")
+    s.add_argument("project", type=Path)
+    s.add_argument("out", type=Path)
+    s.add_argument("--format", default="nrrd", choices=("nrrd", "tif", "nii.gz", "mha"))
+    s.add_argument("--fractions", type=Path, help="CSV path (default: OUT/class_fractions.csv)")
+
+    s = sub.add_parser("demo", help="run the whole loop on built-in synthetic data",
+                       description="Simulated strokes on synthetic tiles, train, predict, "
+                                   "one correction round, train again; prints Dice per round.")
+    s.add_argument("--out", type=Path, default=Path("demo_output"))
+    s.add_argument("--seconds", type=float, default=20.0, help="training seconds per round")
+    s.add_argument("--images", type=int, default=6)
+    s.add_argument("--size", type=int, default=256)
+    s.add_argument("--device", default="auto")
+    return p
+
+
+def _version() -> str:
+    from semsegloop import __version__
+    return f"semsegloop {__version__}"
+
+
+class _TrainBar:
+    """tqdm bar fed by TrainProgress (time- or step-based). It appears with the first step, so
+    an error raised before training starts stays a single line."""
+
+    def __init__(self, desc: str, total: float | None, unit: str):
+        self.desc, self.total, self.unit = desc, total, unit
+        self.bar = None
+        self.by_time = unit == "s"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __call__(self, p) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, file=sys.stderr,
+                            dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} "
+                            "{unit} [{elapsed}<{remaining}{postfix}]")
+        value = p.elapsed_s if self.by_time else p.step
+        if self.bar.total is not None:
+            value = min(value, self.bar.total)
+        self.bar.n = value
+        post = {"step": p.step, "loss": f"{p.loss:.3f}"}
+        if p.val_dice:
+            post["dice"] = f"{sum(p.val_dice.values()) / len(p.val_dice):.3f}"
+        self.bar.set_postfix(post, refresh=True)
+        if p.phase != "train":
+            self.bar.close()
+
+
+@contextlib.contextmanager
+def _cancel_on_sigint():
+    """First Ctrl-C asks training to stop after the current step; a second one aborts.
+
+    The previous handler comes back afterwards (main() also runs inside Slicer's console and
+    notebooks); off the main thread, where signals cannot be caught, Ctrl-C simply aborts.
+    """
+    ev = threading.Event()
+
+    def handler(signum, frame):
+        if ev.is_set():
+            raise KeyboardInterrupt
+        ev.set()
+        print("\nstopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
+    if threading.current_thread() is not threading.main_thread():
+        yield ev
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield ev
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def cmd_init(a) -> int:
+    from semsegloop.project import Project
+
+    colors = None
+    if a.colors:
+        colors = [tuple(int(v) for v in c.split(",")) for c in a.colors.split(";")]
+    proj = Project.create(a.project, [c for c in a.classes.split(",")], dims=a.dims,
+                          preset=a.preset, colors=colors)
+    print(f"created {proj}")
+    return 0
+
+
+def cmd_add(a) -> int:
+    from tqdm import tqdm
+
+    from semsegloop.data import imageio
+    from semsegloop.project import Project
+
+    proj = Project.open(a.project)
+    if a.labels and len(a.labels) != len(a.images):
+        raise SemSegLoopError(f"--labels gives {len(a.labels)} files for {len(a.images)} images")
+    for n, path in enumerate(tqdm(a.images, desc="adding", unit="image", file=sys.stderr,
+                                  disable=len(a.images) < 3)):
+        # Labels are read and checked first, so a bad labels file adds nothing.
+        labels = imageio.read_labels(a.labels[n])[0] if a.labels else None
+        image = imageio.read_image(path, dims=proj.dims)
+        if labels is not None:
+            proj.check_labels(image.array.shape[:3], labels, f"labels '{a.labels[n]}'")
+        image_id = proj.add_image(image, spacing=a.spacing, copy=not a.reference)
+        if labels is not None:
+            proj.set_labels(image_id, labels)
+        print(f"{image_id}\t{path}")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from semsegloop.project import Project
+
+    proj = Project.open(a.project)
+    budget = a.time_budget_s
+    if budget is None and a.steps is None:
+        budget = 60.0
+    bar = _TrainBar(f"round {proj.round + 1}", a.steps if a.steps else budget,
+                    "steps" if a.steps else "s")
+    with _cancel_on_sigint() as cancel:
+        try:
+            res = proj.train(time_budget_s=budget, steps=a.steps, device=a.device, progress=bar,
+                             cancel=cancel, seed=a.seed, preset=a.preset)
+        finally:
+            bar.close()
+    state = "stopped early" if res.cancelled else "done"
+    print(f"round {res.round} {state}: {res.steps} steps in {res.seconds:.1f} s on {res.device}, "
+          f"final loss {res.final_loss if res.final_loss is None else round(res.final_loss, 4)}, "
+          f"model {res.checkpoint}")
+    return EXIT_INTERRUPTED if res.cancelled and res.steps == 0 else 0
+
+
+def cmd_predict(a) -> int:
+    from tqdm import tqdm
+
+    from semsegloop.project import Project
+
+    proj = Project.open(a.project)
+    ids = a.images or proj.image_ids
+    for image_id in tqdm(ids, desc=f"predicting (round {proj.round})", unit="image",
+                         file=sys.stderr):
+        proj.predict(image_id, device=a.device)
+    print(f"predicted {len(ids)} image(s) -> {proj.path / 'predictions' / f'round_{proj.round:03d}'}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from semsegloop.data import imageio
+    from semsegloop.project import Project
+
+    proj = Project.open(a.project)
+    refs = {}
+    for item in a.reference:
+        if "=" not in item:
+            raise SemSegLoopError(f"--reference '{item}' must be ID=PATH")
+        image_id, path = item.split("=", 1)
+        refs[image_id] = imageio.read_labels(path)[0]
+    report = proj.evaluate(refs)
+    print(f"{'image':<20}{'class':<16}{'dice':>8}{'jaccard':>9}{'hd95':>9}{'msd':>9}")
+    for image_id, rep in report["images"].items():
+        for name, c in rep["classes"].items():
+            print(f"{image_id:<20}{name:<16}{c['dice']:>8.3f}{c['jaccard']:>9.3f}"
+                  f"{c['hd95']:>9.2f}{c['msd']:>9.2f}")
+    if a.json:
+        from semsegloop.data.atomic import atomic_write_text
+        atomic_write_text(a.json, json.dumps(report, indent=2, default=float))
+    return 0
+
+
+def cmd_export(a) -> int:
+    from semsegloop.project import Project
+
+    proj = Project.open(a.project)
+    files = proj.export(a.out, fmt=a.format)
+    csv = a.fractions or a.out / "class_fractions.csv"
+    proj.class_fractions(csv_path=csv)
+    print(f"exported {len(files)} label map(s) to {a.out} and class fractions to {csv}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from semsegloop.apps.demo import run_demo
+
+    res = run_demo(a.out, n_images=a.images, size=a.size, seconds=a.seconds, device=a.device,
+                   progress_factory=lambda desc, total: _TrainBar(desc, total, "s"))
+    first, last = res["dice"][0], res["dice"][-1]
+    print("Dice per round (unseen tiles): " + " -> ".join(
+        f"{sum(d.values()) / len(d):.3f}" for d in res["dice"]))
+    return 0 if first and last else 1
+
+
+COMMANDS = {"init": cmd_init, "add": cmd_add, "train": cmd_train, "predict": cmd_predict,
+            "evaluate": cmd_evaluate, "export": cmd_export, "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SemSegLoopError as e:
+        print(f"semsegloop: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except FileExistsError as e:
+        print(f"semsegloop: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("semsegloop: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Measuring: metrics against a reference, class fractions of a label map, and simulated
+annotators (strokes, corrections) for the demo, benchmarks and tests."""

@@ -1,0 +1,180 @@
+"""Tests of sliding-window prediction: images larger than one region are cut into slabs with the
+same result, probabilities stay float16, and the memory of a volume prediction stays bounded."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import semsegloop
+import semsegloop.predict.sliding_window as inference
+from helpers_engine import (blob_volume, copy_project, make_square_project, square_image,  # noqa: F401
+                            tiny_models, volume_strokes)
+
+
+@pytest.fixture(scope="module")
+def trained_2d(tmp_path_factory, tiny_models):
+    path = tmp_path_factory.mktemp("inf2d") / "p"
+    proj, image_id, _ = make_square_project(path)
+    proj.train(steps=25, device="cpu")
+    return path, image_id
+
+
+@pytest.fixture(scope="module")
+def trained_3d(tmp_path_factory, tiny_models):
+    path = tmp_path_factory.mktemp("inf3d") / "p"
+    proj = semsegloop.Project.create(path, ["ball", "background", "rim"], dims=3, preset="tiny3d")
+    img, ref = blob_volume((8, 32, 32))
+    image_id = proj.add_image(img, name="ball")
+    lab = volume_strokes(ref)
+    lab[4, 10, 10:14] = 3                 # a third class, so K=3 in the memory bound
+    proj.set_labels(image_id, lab)
+    proj.train(steps=15, device="cpu")
+    return path, image_id
+
+
+class _CountingSlidingWindow:
+    """Wraps the real sliding-window call to count how many regions a prediction used."""
+
+    def __init__(self):
+        self.real = inference._sliding_window
+        self.shapes = []
+
+    def __call__(self, model, vol, *args, **kw):
+        self.shapes.append(vol.shape)
+        return self.real(model, vol, *args, **kw)
+
+
+def test_tall_2d_image_is_predicted_in_slabs_with_the_same_labels(trained_2d, tmp_path, monkeypatch):
+    path, _ = trained_2d
+    proj = copy_project(path, tmp_path / "copy")
+    tile, _ = square_image(64, seed=5)
+    tall = np.concatenate([tile] * 17, axis=0)          # 1088 x 64: more rows than one window
+    tall_id = proj.add_image(tall, name="tall")
+
+    whole = proj.predict_full(tall_id, save=False)
+    counter = _CountingSlidingWindow()
+    monkeypatch.setattr(inference, "_sliding_window", counter)
+    monkeypatch.setattr(inference, "MAX_REGION_VOXELS", 4096)
+    sliced = proj.predict_full(tall_id, save=False)
+
+    assert len(counter.shapes) >= 3, counter.shapes
+    assert max(s[0] for s in counter.shapes) < 1088
+    assert sliced.labels.shape == whole.labels.shape == (1, 1088, 64)
+    agreement = float((sliced.labels == whole.labels).mean())
+    print(f"2D slab agreement {agreement:.5f}")
+    assert agreement > 0.99, agreement
+    assert sliced.probabilities.dtype == np.float16
+    assert float(np.abs(sliced.probabilities.astype(np.float32) -
+                     whole.probabilities.astype(np.float32)).mean()) < 0.02
+    # The tall image really holds squares: the tiled prediction finds them.
+    assert (sliced.labels[0, 16:48, 16:48] == 1).mean() > 0.8
+
+
+def test_long_3d_volume_is_predicted_in_slabs_with_the_same_labels(trained_3d, tmp_path, monkeypatch):
+    path, _ = trained_3d
+    proj = copy_project(path, tmp_path / "copy")
+    img, _ = blob_volume((8, 32, 32), seed=3)
+    long = np.concatenate([img] * 20, axis=0)           # 160 slices: beyond one 64-slice window
+    long_id = proj.add_image(long, name="long")
+
+    whole = proj.predict_full(long_id, save=False)
+    counter = _CountingSlidingWindow()
+    monkeypatch.setattr(inference, "_sliding_window", counter)
+    monkeypatch.setattr(inference, "MAX_REGION_VOXELS", 4096)
+    sliced = proj.predict_full(long_id, save=False)
+
+    assert len(counter.shapes) >= 2 and max(s[0] for s in counter.shapes) < 160, counter.shapes
+    assert sliced.labels.shape == (160, 32, 32)
+    agreement = float((sliced.labels == whole.labels).mean())
+    print(f"3D slab agreement {agreement:.5f}")
+    assert agreement > 0.99, agreement
+
+
+def test_probabilities_are_float16_never_float64(trained_3d):
+    path, image_id = trained_3d
+    proj = semsegloop.Project.open(path)
+    pred = proj.predict_full(image_id, save=False)
+    assert pred.probabilities.dtype == np.float16
+    assert pred.entropy.dtype == np.float16
+    assert pred.labels.dtype == np.uint8
+    assert pred.probabilities.shape == (3, 8, 32, 32)
+    assert proj.predict_proba(image_id).dtype == np.float16
+    # The low-level entry point gives the same types for any input dtype it is handed.
+    from semsegloop.data.normalization import normalize
+
+    r, plan, model = proj.load_model(device="cpu")
+    x = normalize(proj.image(image_id).array, proj.normalization).astype(np.float32)
+    low = inference.predict_image(model, x, plan, next(model.parameters()).device, 3)
+    assert low.probabilities.dtype == np.float16
+    np.testing.assert_array_equal(low.labels, proj.predict(image_id, save=False, keep_strokes=False))
+
+
+def test_volume_prediction_memory_is_bounded_by_the_float16_probabilities(trained_3d, tmp_path):
+    path, _ = trained_3d
+    proj = copy_project(path, tmp_path / "copy")
+    shape = (48, 64, 64)
+    img, _ = blob_volume(shape, seed=4)
+    vol_id = proj.add_image(img, name="big")
+    proj.load_model(device="cpu")           # model loading is not part of what is measured
+    proj.image(vol_id)
+    voxels, K = int(np.prod(shape)), 3
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        pred = proj.predict_full(vol_id, save=False, keep_strokes=False)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert pred.probabilities.shape == (K,) + shape
+    # Kept: K float16 maps, uint8 labels, float16 entropy. Transient: the float32 normalised
+    # image and the entropy pass's float32 work arrays (at most ~3 alive, each K x one chunk of
+    # at most 4M voxels). A float64 (K, ...) array would add 4x the float16 maps and fail this.
+    f16 = K * voxels * 2
+    kept = f16 + voxels * (1 + 2)
+    transient = voxels * 4 + 3 * K * min(voxels, 4_000_000) * 4
+    bound = kept + transient + 2_000_000
+    print(f"peak {peak / 1e6:.2f} MB, bound {bound / 1e6:.2f} MB, float16 maps {f16 / 1e6:.2f} MB")
+    assert peak < bound, f"peak {peak / 1e6:.1f} MB > bound {bound / 1e6:.1f} MB"
+
+
+def test_label_and_entropy_pass_works_in_chunks_with_bounded_temporaries():
+    rng = np.random.default_rng(0)
+    K, V = 4, 1_000_000
+    logits = rng.normal(size=(K, V)).astype(np.float32)
+    p = np.exp(logits)
+    probs = (p / p.sum(axis=0)).astype(np.float16).reshape(K, 10, 100, 1000)
+    del logits, p
+    reference = inference.labels_and_entropy(probs, chunk=V)
+    chunk = 50_000
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        labels, entropy = inference.labels_and_entropy(probs, chunk=chunk)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(labels, reference[0])
+    np.testing.assert_array_equal(entropy, reference[1])
+    assert labels.dtype == np.uint8 and entropy.dtype == np.float16
+    assert labels.min() >= 1 and labels.max() <= K
+    # Outputs (3 bytes per voxel) plus float32 work arrays of one chunk, never of the volume.
+    assert peak < V * 3 + 6 * K * chunk * 4 + 500_000, peak / 1e6
+
+
+def test_predicting_with_a_round_that_does_not_exist_names_the_rounds(trained_2d):
+    path, image_id = trained_2d
+    proj = semsegloop.Project.open(path)
+    with pytest.raises(semsegloop.CheckpointError, match="round 7"):
+        proj.predict(image_id, round=7)
+
+
+def test_predict_before_any_training_says_train_first(tmp_path, tiny_models):
+    proj, image_id, _ = make_square_project(tmp_path / "p")
+    with pytest.raises(semsegloop.CheckpointError, match="train first"):
+        proj.predict(image_id)
