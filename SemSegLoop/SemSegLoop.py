@@ -636,7 +636,7 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
             project = self.project
         elif state == "project":
             project = semsegloop.Project.open(folder)
-            self.project = project
+            self._replaceProject(project)
             self.loadProjectIntoScene()
         elif state == "other":
             raise semsegloop.ProjectError(_("Folder '{folder}' is not empty and holds no SemSegLoop project; "
@@ -648,10 +648,16 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
             project = semsegloop.Project.create(folder, [c["name"] for c in classes],
                                                 dims=session.resolve_dims(dims, nSlices, fromFolder),
                                                 colors=[c["color"] for c in classes], preset=preset or None)
-            self.project = project
+            self._replaceProject(project)
         if volumeNode is not None:
             self.addVolume(volumeNode)
         return project
+
+    def _replaceProject(self, project):
+        # The previous project's write lock goes back, so another program may open that folder.
+        previous, self.project = self.project, project
+        if previous is not None and previous is not project:
+            previous.close()
 
     def _requireProject(self):
         if self.project is None:
@@ -853,7 +859,7 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
         _SharedJobs.sceneGeneration += 1
         self._plotNodes = None
         # The project's images live in the scene being closed; reopening brings them back.
-        self.project = None
+        self._replaceProject(None)
 
     def shutdown(self) -> None:
         if _SharedJobs.worker is not None:

@@ -104,7 +104,7 @@ def copy_project(src: Path, dst: Path):
     """An independent copy of a trained project (tests that modify it do not disturb others)."""
     import semsegloop
 
-    shutil.copytree(src, dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("project.lock"))
     return semsegloop.Project.open(dst)
 
 

@@ -38,7 +38,7 @@ def test_garbage_png_is_an_image_read_error_naming_the_file(project, tmp_path):
     bad.write_bytes(b"\x89PNG but then nothing sensible" * 3)
     with pytest.raises(ImageReadError, match="scan_0001.png"):
         proj.add_image(bad)
-    assert len(semsegloop.Project.open(proj.path).image_ids) == 1
+    assert len(semsegloop.Project.open(proj.path, read_only=True).image_ids) == 1
 
 
 def test_unsupported_extension_is_an_image_read_error_naming_it(project, tmp_path):
@@ -65,7 +65,7 @@ def test_nan_or_inf_pixels_are_refused_naming_the_image(project, bad_value):
         proj.add_image(img, name="mri_slice")
     assert "NaN/Inf" in str(info.value) and "(0, 10, 20" in str(info.value)
     assert len(proj.image_ids) == 1
-    assert len(semsegloop.Project.open(proj.path).image_ids) == 1
+    assert len(semsegloop.Project.open(proj.path, read_only=True).image_ids) == 1
 
 
 # ------------------------------------------------------------------------------ labels
@@ -186,7 +186,7 @@ def test_bad_project_settings_name_the_setting(tmp_path):
     semsegloop.Project.create(tmp_path / "f", ["x", "y"])
     with pytest.raises(ProjectError, match="already holds a project"):
         semsegloop.Project.create(tmp_path / "f", ["z", "w"])
-    assert semsegloop.Project.open(tmp_path / "f").class_names == ["x", "y"]
+    assert semsegloop.Project.open(tmp_path / "f", read_only=True).class_names == ["x", "y"]
 
 
 def test_unknown_image_id_names_the_known_ones(project):
@@ -200,7 +200,7 @@ def test_missing_image_file_in_a_project_is_named(project):
     proj, image_id = project
     (proj.path / "images" / f"{image_id}.nrrd").unlink()
     with pytest.raises(ImageReadError, match=f"{image_id}.nrrd"):
-        semsegloop.Project.open(proj.path).image(image_id)
+        semsegloop.Project.open(proj.path, read_only=True).image(image_id)
 
 
 def test_damaged_labels_file_is_named_not_silently_emptied(project):
@@ -211,7 +211,7 @@ def test_damaged_labels_file_is_named_not_silently_emptied(project):
     f = proj.path / "labels" / f"{image_id}.nrrd"
     f.write_bytes(f.read_bytes()[:40])
     with pytest.raises(SemSegLoopError, match=f"{image_id}.nrrd"):
-        semsegloop.Project.open(proj.path).labels(image_id)
+        semsegloop.Project.open(proj.path, read_only=True).labels(image_id)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -224,6 +224,7 @@ def test_damaged_latest_checkpoint_is_named_and_the_previous_round_still_works(t
     data = latest.read_bytes()
     latest.write_bytes(data[: len(data) // 2])          # a copy cut off halfway
 
+    proj.close()
     again = semsegloop.Project.open(tmp_path / "p")
     with pytest.raises(CheckpointError, match="round_002.safetensors") as info:
         again.predict(image_id)
@@ -246,7 +247,7 @@ def test_checkpoint_with_a_flipped_byte_is_detected(tmp_path, tiny_models):
     data[-10] ^= 0xFF                                    # same size, one weight changed
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="round_001"):
-        semsegloop.Project.open(tmp_path / "p").predict(image_id)
+        semsegloop.Project.open(tmp_path / "p", read_only=True).predict(image_id)
 
 
 # ------------------------------------------------------------------------------ cancel mid-step
@@ -273,7 +274,7 @@ def test_cancel_in_the_middle_of_a_step_keeps_the_weights_of_the_last_whole_step
     record = json.loads((tmp_path / "p" / "checkpoints" / "round_001.json").read_text())
     assert record["sha256"] == ref_sha, "the half-done step must not leak into the saved model"
     assert len([r for r in proj.training_log() if r.get("event") == "step"]) == 1
-    again = semsegloop.Project.open(tmp_path / "p")
+    again = semsegloop.Project.open(tmp_path / "p", read_only=True)
     assert again.round == 1 and again.rounds[0]["cancelled"] is True
     assert again.predict(image_id, save=False).shape == (1, 64, 64)
 
@@ -302,12 +303,12 @@ def test_disk_full_while_saving_labels_keeps_the_old_labels_and_project(tmp_path
     assert labels_file.read_bytes() == old_bytes
     assert (tmp_path / "p" / "project.json").read_bytes() == old_json
     assert _files(tmp_path / "p" / "labels") == [f"{image_id}.nrrd"], "no temporary files left"
-    again = semsegloop.Project.open(tmp_path / "p")
+    again = semsegloop.Project.open(tmp_path / "p", read_only=True)
     np.testing.assert_array_equal(again.labels(image_id), old_labels)
     assert again.image_info(image_id)["labeled_pixels"] == proj.image_info(image_id)["labeled_pixels"]
     # Once there is room again, the same call succeeds.
     proj.set_labels(image_id, new)
-    np.testing.assert_array_equal(semsegloop.Project.open(tmp_path / "p").labels(image_id), new)
+    np.testing.assert_array_equal(semsegloop.Project.open(tmp_path / "p", read_only=True).labels(image_id), new)
 
 
 def test_disk_full_while_adding_an_image_leaves_the_project_as_it_was(project, monkeypatch):
@@ -319,7 +320,7 @@ def test_disk_full_while_adding_an_image_leaves_the_project_as_it_was(project, m
     monkeypatch.undo()
     assert (proj.path / "project.json").read_bytes() == old_json
     assert proj.image_ids == [image_id]
-    assert semsegloop.Project.open(proj.path).image_ids == [image_id]
+    assert semsegloop.Project.open(proj.path, read_only=True).image_ids == [image_id]
 
 
 def test_disk_full_while_saving_a_checkpoint_keeps_earlier_rounds(tmp_path, tiny_models, monkeypatch):
@@ -341,6 +342,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_earlier_rounds(tmp_path, tiny
     assert all((ckpt_dir / n).read_bytes() == b for n, b in before.items())
     assert (tmp_path / "p" / "project.json").read_bytes() == old_json
     assert (tmp_path / "p" / "labels" / f"{image_id}.nrrd").read_bytes() == labels_before
+    proj.close()
     again = semsegloop.Project.open(tmp_path / "p")
     assert again.round == 1 and len(again.rounds) == 1
     np.testing.assert_array_equal(again.predict(image_id, save=False), pred_before)

@@ -50,7 +50,7 @@ def test_create_then_open_keeps_classes_colours_dims_channels_and_normalisation(
     assert raw["normalization"]["method"] == "percentile"
     assert raw["normalization"]["low"] == 1.0 and raw["normalization"]["high"] == 99.0
 
-    again = semsegloop.Project.open(path)
+    again = semsegloop.Project.open(path, read_only=True)
     assert again.class_names == ["collagen", "cell", "background"]
     assert [tuple(c["color"]) for c in again.classes] == colors
     assert again.dims == 2 and again.channels == 1 and again.round == 0
@@ -82,7 +82,7 @@ def test_add_grey_image_and_slice_stack_from_arrays_gives_canonical_shapes(tmp_p
     assert proj.image_info(g)["shape"] == [1, 40, 50, 1]
     assert proj.image_info(s)["shape"] == [5, 40, 50, 1]
     # Read back from the copied files, not the in-memory cache.
-    again = semsegloop.Project.open(tmp_path / "p")
+    again = semsegloop.Project.open(tmp_path / "p", read_only=True)
     np.testing.assert_array_equal(again.image(g).array[0, :, :, 0], grey)
     np.testing.assert_array_equal(again.image(s).array[..., 0], stack)
     assert again.image(s).array.dtype == np.uint16
@@ -94,7 +94,7 @@ def test_add_rgb_array_gives_three_channels(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (36, 44, 3), dtype=np.uint8)
     i = proj.add_image(rgb)
     assert proj.channels == 3
-    again = semsegloop.Project.open(tmp_path / "p")
+    again = semsegloop.Project.open(tmp_path / "p", read_only=True)
     assert again.image(i).array.shape == (1, 36, 44, 3)
     np.testing.assert_array_equal(again.image(i).array[0], rgb)
 
@@ -103,7 +103,7 @@ def test_add_3d_volume_array_keeps_spacing(tmp_path):
     proj = semsegloop.Project.create(tmp_path / "p", ["a", "b"], dims=3)
     vol = np.random.default_rng(0).normal(size=(6, 20, 30)).astype(np.float32)
     i = proj.add_image(vol, spacing=(2.5, 0.5, 0.75), name="vol")
-    again = semsegloop.Project.open(tmp_path / "p")
+    again = semsegloop.Project.open(tmp_path / "p", read_only=True)
     img = again.image(i)
     assert img.array.shape == (6, 20, 30, 1)
     np.testing.assert_allclose(img.array[..., 0], vol)
@@ -134,7 +134,7 @@ def test_add_images_from_png_tiff_and_nrrd_files(tmp_path):
     assert [proj.image_info(i)["name"] for i in (a, b, c)] == ["cells", "tissue", "scan"]
     assert proj.image_info(a)["source"].endswith("cells.png")
 
-    again = semsegloop.Project.open(tmp_path / "p")
+    again = semsegloop.Project.open(tmp_path / "p", read_only=True)
     np.testing.assert_array_equal(again.image(a).array[0, :, :, 0], png_px)
     np.testing.assert_array_equal(again.image(b).array[0, :, :, 0], tif_px)
     np.testing.assert_array_equal(again.image(c).array[0, :, :, 0], nrrd_px)
@@ -172,7 +172,7 @@ def test_image_from_a_path_with_spaces_and_non_ascii_characters(tmp_path):
     image_id = proj.add_image(folder / "Schnitt 1 µm.png")
     assert image_id.isascii() and " " not in image_id
     proj.set_labels(image_id, np.ones((24, 30), np.uint8))
-    again = semsegloop.Project.open(tmp_path / "Projekt ö")
+    again = semsegloop.Project.open(tmp_path / "Projekt ö", read_only=True)
     np.testing.assert_array_equal(again.image(image_id).array[0, :, :, 0], px)
     assert again.labels(image_id).all()
 
@@ -228,7 +228,7 @@ def test_labels_round_trip_in_both_accepted_shapes_and_survive_reopening(tmp_pat
     proj.set_labels(single, lab2d)
     proj.set_labels(stack, lab3)
 
-    again = semsegloop.Project.open(tmp_path / "p")
+    again = semsegloop.Project.open(tmp_path / "p", read_only=True)
     got = again.labels(single)
     assert got.dtype == np.uint8 and got.shape == (1, 20, 30)
     np.testing.assert_array_equal(got[0], lab2d)
@@ -243,7 +243,7 @@ def test_labels_round_trip_in_both_accepted_shapes_and_survive_reopening(tmp_pat
 
 def test_paint_two_classes_train_predict_gives_uint8_labels_1_to_K_on_the_image_grid(trained):
     path, image_id, _ = trained
-    proj = semsegloop.Project.open(path)
+    proj = semsegloop.Project.open(path, read_only=True)
     assert proj.round == 1
     labels = proj.predict(image_id, save=False)
     assert labels.dtype == np.uint8
@@ -254,7 +254,7 @@ def test_paint_two_classes_train_predict_gives_uint8_labels_1_to_K_on_the_image_
 
 def test_predict_proba_is_float16_per_class_and_sums_to_one(trained):
     path, image_id, _ = trained
-    proj = semsegloop.Project.open(path)
+    proj = semsegloop.Project.open(path, read_only=True)
     probs = proj.predict_proba(image_id)
     assert probs.dtype == np.float16
     assert probs.shape == (2, 1, 64, 64)
@@ -267,7 +267,7 @@ def test_predict_proba_is_float16_per_class_and_sums_to_one(trained):
 
 def test_predict_full_entropy_lies_in_unit_range_and_matches_the_probabilities(trained):
     path, image_id, _ = trained
-    proj = semsegloop.Project.open(path)
+    proj = semsegloop.Project.open(path, read_only=True)
     pred = proj.predict_full(image_id, save=False)
     ent = pred.entropy
     assert ent.dtype == np.float16 and ent.shape == (1, 64, 64)
@@ -283,7 +283,7 @@ def test_predict_full_entropy_lies_in_unit_range_and_matches_the_probabilities(t
 
 def test_easy_bright_square_is_found_with_dice_above_0_8(trained):
     path, image_id, ref = trained
-    proj = semsegloop.Project.open(path)
+    proj = semsegloop.Project.open(path, read_only=True)
     pred = proj.predict(image_id, save=False, keep_strokes=False)
     assert dice(pred, ref, 1) > 0.8, dice(pred, ref, 1)
     assert dice(pred, ref, 2) > 0.8, dice(pred, ref, 2)
@@ -336,7 +336,7 @@ def test_checkpoint_is_safetensors_plus_json_describing_how_to_rebuild_the_netwo
     assert meta["preset"] == "tiny2d" and meta["round"] == 1 and meta["dims"] == 2
     assert [c["name"] for c in meta["classes"]] == ["square", "background"]
     assert meta["channels"] == 1
-    assert meta["normalization"] == semsegloop.Project.open(path).normalization
+    assert meta["normalization"] == semsegloop.Project.open(path, read_only=True).normalization
     assert meta["plan"]["in_channels"] == 1 and meta["plan"]["out_channels"] == 2
     assert meta["steps"] == TRAIN_STEPS
     # safetensors starts with a little-endian header length and a JSON header: no pickle.
@@ -425,7 +425,7 @@ def test_a_class_added_after_round_one_is_learnt_in_round_two_from_a_warm_start(
     assert proj.rounds[1]["warm_start"] == "checkpoints/round_001"
     pred = proj.predict_full(image_id, save=False)
     assert pred.probabilities.shape == (3, 1, 64, 64)
-    assert semsegloop.Project.open(tmp_path / "copy").class_names == ["square", "background", "rim"]
+    assert semsegloop.Project.open(tmp_path / "copy", read_only=True).class_names == ["square", "background", "rim"]
 
 
 def test_progress_callback_gets_step_loss_eta_throughput_and_a_final_done(tmp_path, tiny_models):

@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from semsegloop.data import imageio
-from semsegloop.data.atomic import atomic_write_text
+from semsegloop.data import folder_lock, imageio
+from semsegloop.data.atomic import atomic_write_text, remove_temporaries
 from semsegloop.errors import (CheckpointError, ImageReadError, LabelError, ProjectError,
                      TrainingError)
 from semsegloop.data.imageio import Geometry, ImageData
@@ -45,12 +45,14 @@ DEFAULT_COLORS = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), 
 class Project:
     """The scripting surface of SemSegLoop (see README "Python API")."""
 
-    def __init__(self, path: Path, meta: dict):
+    def __init__(self, path: Path, meta: dict, read_only: bool = False):
         self.path = Path(path)
         self._meta = meta
         self._image_cache: dict[str, ImageData] = {}
         self._model = None          # (round, plan, torch module) of the loaded model
         self._lock = threading.RLock()
+        self._read_only = read_only
+        self._folder_lock: folder_lock.FolderLock | None = None
 
     # ---------------------------------------------------------------- create / open / save
     @classmethod
@@ -84,15 +86,28 @@ class Project:
                 "dims": dims, "channels": channels, "normalization": normalization,
                 "preset": preset, "images": [], "rounds": [],
                 "created": _now()}
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ProjectError(f"cannot create project folder '{path}': {e.strerror or e}") from None
         proj = cls(path, meta)
-        proj.save()
+        proj._folder_lock = folder_lock.acquire(path)
+        try:
+            proj.save()
+        except BaseException:
+            proj.close()
+            raise
         return proj
 
     @classmethod
-    def open(cls, path) -> "Project":
+    def open(cls, path, read_only: bool = False) -> "Project":
+        """Open a project folder for writing (one writer at a time: it takes the folder's lock,
+        released by close(), leaving a ``with`` block, or at exit) or, with ``read_only=True``,
+        to predict/evaluate without writing anything in the folder (no lock is taken)."""
         path = Path(path)
         f = path / PROJECT_FILE
+        if path.is_file():
+            raise ProjectError(f"'{path}' is a file, not a project folder")
         if not path.is_dir():
             raise ProjectError(f"project folder '{path}' does not exist")
         if not f.is_file():
@@ -113,11 +128,84 @@ class Project:
         for key in ("classes", "dims", "images", "rounds", "preset"):
             if key not in meta:
                 raise ProjectError(f"'{f}' is damaged: the '{key}' entry is missing")
-        return cls(path, meta)
+        proj = cls(path, meta, read_only=read_only)
+        if read_only:
+            proj._count_labels_from_files()
+            return proj
+        proj._folder_lock = folder_lock.acquire(path)
+        try:
+            proj._remove_interrupted_writes()
+            if proj._count_labels_from_files():
+                proj.save()
+        except BaseException:
+            proj.close()
+            raise
+        return proj
 
     def save(self) -> None:
         with self._lock:
+            self._check_writable("save project.json")
             atomic_write_text(self.path / PROJECT_FILE, json.dumps(self._meta, indent=2))
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    def close(self) -> None:
+        """Give back the folder's write lock (idempotent); the object is read-only afterwards."""
+        lock, self._folder_lock = self._folder_lock, None
+        self._read_only = True
+        if lock is not None:
+            lock.release()
+
+    def __enter__(self) -> "Project":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_writable(self, what: str) -> None:
+        if self._read_only:
+            raise ProjectError(f"project '{self.path}' is open read-only (or closed): cannot "
+                               f"{what}; open it with Project.open('{self.path}') to write")
+
+    def _remove_interrupted_writes(self) -> None:
+        # Safe only because we hold the lock: nobody else is writing a temporary right now.
+        dirs = [self.path, self.path / "images", self.path / "labels", self.path / "checkpoints"]
+        dirs += sorted((self.path / "predictions").glob("round_*"))
+        removed = [p for d in dirs for p in remove_temporaries(d)]
+        if removed:
+            log.info("removed %d file(s) left by interrupted writes in '%s': %s", len(removed),
+                     self.path, ", ".join(p.name for p in removed[:5]))
+
+    def _count_labels_from_files(self) -> bool:
+        """Make each image's painted-pixel counts those of its labels file (a kill between
+        writing a labels file and project.json leaves the counts behind); True if any changed.
+        A file whose size and modification time match the stamp recorded with its counts is
+        not read again."""
+        changed = False
+        for entry in self._meta["images"]:
+            p = self._labels_path(entry["id"])
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                if entry.get("labeled_pixels"):
+                    entry["labeled_pixels"], changed = {}, True
+                entry.pop("labels_file", None)
+                continue
+            stamp = [st.st_size, st.st_mtime_ns]
+            if entry.get("labels_file") == stamp and "labeled_pixels" in entry:
+                continue
+            try:
+                arr, _ = imageio.read_labels(p)
+            except ImageReadError as e:
+                log.warning("labels of image '%s' cannot be read: %s", entry["id"], e)
+                continue
+            counts = _counts(arr, self.n_classes)
+            if counts != entry.get("labeled_pixels"):
+                log.info("labels of image '%s' counted from %s", entry["id"], p.name)
+            entry["labeled_pixels"], entry["labels_file"], changed = counts, stamp, True
+        return changed
 
     # ---------------------------------------------------------------- properties
     @property
@@ -165,6 +253,7 @@ class Project:
     def set_classes(self, classes: list[dict]) -> None:
         """Rename/recolour classes or append new ones; removing or reordering is refused, since
         label values already painted refer to positions."""
+        self._check_writable("change the classes")
         old = self._meta["classes"]
         if len(classes) < len(old):
             raise ProjectError("classes cannot be removed from a project with labels; "
@@ -194,6 +283,7 @@ class Project:
         reference to a file on disk (the project then needs that file to stay where it is).
         Returns the new image id.
         """
+        self._check_writable("add an image")
         if isinstance(source, (ImageData, str, os.PathLike)):
             image = source if isinstance(source, ImageData) else imageio.read_image(source, dims=self.dims)
             if spacing is not None:  # the file's spacing is wrong or missing (PNG, TIFF)
@@ -272,14 +362,17 @@ class Project:
         ``labels`` is (S, Y, X) or, for a single 2D slice, (Y, X). ``geometry`` (optional) is
         checked against the image's so labels painted on another grid are refused.
         """
+        self._check_writable(f"store the labels of image '{image_id}'")
         entry = self._entry(image_id)
         arr = self.check_labels(tuple(entry["shape"][:3]), labels, f"labels for image '{image_id}'")
         if geometry is not None and not geometry.matches(self.geometry(image_id), tol=1e-3):
             raise LabelError(f"labels for image '{image_id}' are on a different grid "
                              f"(spacing/origin/direction {geometry.to_json()} vs "
                              f"{self.geometry(image_id).to_json()})")
-        imageio.write_labels(self._labels_path(image_id), arr.astype(np.uint8),
-                             self.geometry(image_id))
+        p = self._labels_path(image_id)
+        imageio.write_labels(p, arr.astype(np.uint8), self.geometry(image_id))
+        st = p.stat()
+        entry["labels_file"] = [st.st_size, st.st_mtime_ns]
         entry["labeled_pixels"] = _counts(arr, self.n_classes)
         entry["labels_updated"] = _now()
         self.save()
@@ -334,6 +427,7 @@ class Project:
         import time as _time
 
         t_start = _time.perf_counter()
+        self._check_writable("train (a round saves a model)")
         if time_budget_s is not None and not time_budget_s > 0:
             raise TrainingError(f"time_budget_s must be positive (got {time_budget_s})")
         if steps is not None and steps < 1:
@@ -547,15 +641,20 @@ class Project:
         return self._model
 
     def predict_full(self, image_id: str, device: str = "auto", round: int | None = None,
-                     save: bool = True, keep_strokes: bool = True, cancel: Any = None,
+                     save: bool | None = None, keep_strokes: bool = True, cancel: Any = None,
                      progress: Callable[[float], None] | None = None):
         """Prediction of one image: .labels (S,Y,X) uint8 1..K, .probabilities (K,S,Y,X) float16,
         .entropy (S,Y,X) float16 in [0, 1].
 
         ``keep_strokes``: painted pixels keep their painted class in .labels (the person's
-        strokes win over the network). ``save`` writes predictions/round_NNN/<id>.nrrd (and a
-        TIFF for 2D) plus the uncertainty map; the labels file is never touched.
+        strokes win over the network). ``save`` (default: unless opened read-only) writes
+        predictions/round_NNN/<id>.nrrd (and a TIFF for 2D) plus the uncertainty map; the labels
+        file is never touched.
         """
+        if save is None:
+            save = not self._read_only
+        elif save:
+            self._check_writable(f"save the prediction of image '{image_id}'")
         from semsegloop.learn import training as tr
         from semsegloop.predict.sliding_window import predict_image
         from semsegloop.data.normalization import normalize
@@ -583,7 +682,8 @@ class Project:
                 self._save_prediction(image_id, r, pred)
             return pred
 
-    def predict(self, image_id: str, device: str = "auto", save: bool = True, **kw) -> np.ndarray:
+    def predict(self, image_id: str, device: str = "auto", save: bool | None = None,
+                **kw) -> np.ndarray:
         """Label map (S, Y, X) uint8 with values 1..K, on the image's grid."""
         return self.predict_full(image_id, device=device, save=save, **kw).labels
 

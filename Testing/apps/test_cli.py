@@ -86,13 +86,13 @@ def test_init_add_train_predict_evaluate_export_on_files(tmp_path, painted_files
     assert main(["init", str(proj_dir), "--classes", "square,background", "--preset", "tiny2d",
                  "--colors", "255,0,0;0,0,255"]) == 0
     assert "created" in capsys.readouterr().out
-    proj = semsegloop.Project.open(proj_dir)
+    proj = semsegloop.Project.open(proj_dir, read_only=True)
     assert proj.class_names == ["square", "background"] and proj.preset == "tiny2d"
     assert [c["color"] for c in proj.classes] == [[255, 0, 0], [0, 0, 255]]
 
     assert main(["add", str(proj_dir), str(png), "--labels", str(labels)]) == 0
     image_id = capsys.readouterr().out.split("\t")[0].strip()
-    proj = semsegloop.Project.open(proj_dir)
+    proj = semsegloop.Project.open(proj_dir, read_only=True)
     assert proj.image_ids == [image_id]
     np.testing.assert_array_equal(proj.labels(image_id)[0], square_strokes(64))
 
@@ -100,7 +100,7 @@ def test_init_add_train_predict_evaluate_export_on_files(tmp_path, painted_files
     captured = capsys.readouterr()
     assert "round 1 done: 3 steps" in captured.out
     assert "round 1" in captured.err and "3/3" in captured.err, "a progress bar on stderr"
-    assert semsegloop.Project.open(proj_dir).round == 1
+    assert semsegloop.Project.open(proj_dir, read_only=True).round == 1
 
     assert main(["predict", str(proj_dir)]) == 0
     assert "predicted 1 image(s)" in capsys.readouterr().out
@@ -151,7 +151,7 @@ def test_unreadable_image_is_a_one_line_error_naming_it(tmp_path, capsys):
     garbage.write_bytes(b"this is not a PNG at all")
     assert main(["add", str(tmp_path / "p"), str(garbage)]) == 2
     assert "broken.png" in _error_line(capsys)
-    assert semsegloop.Project.open(tmp_path / "p").image_ids == []
+    assert semsegloop.Project.open(tmp_path / "p", read_only=True).image_ids == []
 
 
 def test_labels_with_values_above_the_classes_are_refused(tmp_path, painted_files, capsys):
@@ -165,7 +165,7 @@ def test_labels_with_values_above_the_classes_are_refused(tmp_path, painted_file
     assert main(["add", str(tmp_path / "p"), str(png), "--labels", str(bad_path)]) == 2
     line = _error_line(capsys)
     assert "7" in line and "labels" in line
-    proj = semsegloop.Project.open(tmp_path / "p")
+    proj = semsegloop.Project.open(tmp_path / "p", read_only=True)
     for image_id in proj.image_ids:
         assert not proj.labels(image_id).any(), "refused labels must not be stored"
 
@@ -182,7 +182,7 @@ def test_training_without_labels_exits_2_and_says_paint(tmp_path, painted_files,
     assert main(["train", str(proj_dir), "--steps", "1", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "semsegloop: error: no labels painted yet" in err and "paint" in err
-    assert semsegloop.Project.open(proj_dir).round == 0
+    assert semsegloop.Project.open(proj_dir, read_only=True).round == 0
 
 
 def test_training_without_labels_is_a_one_line_error(tmp_path, painted_files, capsys):
@@ -196,7 +196,7 @@ def test_init_refuses_to_overwrite_a_project(tmp_path, capsys):
     capsys.readouterr()
     assert main(["init", str(tmp_path / "p"), "--classes", "c,d"]) == 2
     assert "project" in _error_line(capsys)
-    assert semsegloop.Project.open(tmp_path / "p").class_names == ["a", "b"]
+    assert semsegloop.Project.open(tmp_path / "p", read_only=True).class_names == ["a", "b"]
 
 
 def test_evaluate_with_a_malformed_reference_argument(tmp_path, capsys):
@@ -225,5 +225,5 @@ def test_demo_runs_the_loop_and_writes_overlays_and_fractions(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * 3
     assert {r["class"] for r in rows} == {"collagen", "cell", "background"}
-    proj = semsegloop.Project.open(out / "project")
+    proj = semsegloop.Project.open(out / "project", read_only=True)
     assert proj.round == 2 and proj.rounds[1]["warm_start"] == "checkpoints/round_001"

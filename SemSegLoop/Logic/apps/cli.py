@@ -154,6 +154,17 @@ def _cancel_on_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
+_opened: list = []  # projects a command opened; main() closes them, releasing the lock
+
+
+def _open(path, read_only: bool = False):
+    from semsegloop.project import Project
+
+    proj = Project.open(path, read_only=read_only)
+    _opened.append(proj)
+    return proj
+
+
 def cmd_init(a) -> int:
     from semsegloop.project import Project
 
@@ -162,6 +173,7 @@ def cmd_init(a) -> int:
         colors = [tuple(int(v) for v in c.split(",")) for c in a.colors.split(";")]
     proj = Project.create(a.project, [c for c in a.classes.split(",")], dims=a.dims,
                           preset=a.preset, colors=colors)
+    _opened.append(proj)
     print(f"created {proj}")
     return 0
 
@@ -170,9 +182,8 @@ def cmd_add(a) -> int:
     from tqdm import tqdm
 
     from semsegloop.data import imageio
-    from semsegloop.project import Project
 
-    proj = Project.open(a.project)
+    proj = _open(a.project)
     if a.labels and len(a.labels) != len(a.images):
         raise SemSegLoopError(f"--labels gives {len(a.labels)} files for {len(a.images)} images")
     for n, path in enumerate(tqdm(a.images, desc="adding", unit="image", file=sys.stderr,
@@ -190,9 +201,8 @@ def cmd_add(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from semsegloop.project import Project
 
-    proj = Project.open(a.project)
+    proj = _open(a.project)
     budget = a.time_budget_s
     if budget is None and a.steps is None:
         budget = 60.0
@@ -214,9 +224,8 @@ def cmd_train(a) -> int:
 def cmd_predict(a) -> int:
     from tqdm import tqdm
 
-    from semsegloop.project import Project
 
-    proj = Project.open(a.project)
+    proj = _open(a.project)
     ids = a.images or proj.image_ids
     for image_id in tqdm(ids, desc=f"predicting (round {proj.round})", unit="image",
                          file=sys.stderr):
@@ -227,9 +236,8 @@ def cmd_predict(a) -> int:
 
 def cmd_evaluate(a) -> int:
     from semsegloop.data import imageio
-    from semsegloop.project import Project
 
-    proj = Project.open(a.project)
+    proj = _open(a.project, read_only=True)  # evaluating writes nothing in the project
     refs = {}
     for item in a.reference:
         if "=" not in item:
@@ -249,9 +257,8 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from semsegloop.project import Project
 
-    proj = Project.open(a.project)
+    proj = _open(a.project, read_only=True)  # exporting writes only to OUT
     files = proj.export(a.out, fmt=a.format)
     csv = a.fractions or a.out / "class_fractions.csv"
     proj.class_fractions(csv_path=csv)
@@ -277,7 +284,7 @@ COMMANDS = {"init": cmd_init, "add": cmd_add, "train": cmd_train, "predict": cmd
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return _run(args)
     except SemSegLoopError as e:
         print(f"semsegloop: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -287,6 +294,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("semsegloop: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _run(args) -> int:
+    try:
+        return COMMANDS[args.command](args)
+    finally:
+        while _opened:
+            _opened.pop().close()
 
 
 if __name__ == "__main__":

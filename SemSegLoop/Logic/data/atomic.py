@@ -5,9 +5,54 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import re
+import secrets
 from pathlib import Path
 from typing import Iterator
+
+_TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+# "<stem>.tmp<8 chars><suffixes>": this module's (and, before it, mkstemp's) temporary names.
+_TEMP_NAME = re.compile(r"\.tmp[a-z0-9_]{8}(\.|$)")
+
+
+def make_temp(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """Create a new empty file ``<prefix><8 chars><suffix>`` in ``directory``; (fd, path).
+
+    Unlike ``tempfile.mkstemp`` (always 0600) the mode follows the umask like any file the user
+    creates, so a project shared on a lab server stays readable by the group.
+    """
+    for _ in range(100):
+        name = prefix + "".join(secrets.choice(_TEMP_CHARS) for _ in range(8)) + suffix
+        path = Path(directory) / name
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                           0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name for {prefix}*{suffix} in {directory}")
+
+
+def is_temporary(name: str) -> bool:
+    """True for a name an interrupted atomic write of this module can leave behind."""
+    return bool(_TEMP_NAME.search(name))
+
+
+def remove_temporaries(directory: Path) -> list[Path]:
+    """Delete what interrupted atomic writes left in ``directory`` (not recursive); returns them.
+
+    Only safe while no one else writes there, i.e. while holding the project's lock.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for e in entries:
+        if is_temporary(e.name) and e.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+    return removed
 
 
 @contextlib.contextmanager
@@ -20,10 +65,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".tmp", suffix="".join(path.suffixes) or ".tmp",
-                               dir=path.parent)
+    fd, tmp = make_temp(path.parent, path.stem + ".tmp", "".join(path.suffixes) or ".tmp")
     os.close(fd)
-    tmp = Path(tmp)
     try:
         yield tmp
         _fsync_file(tmp)

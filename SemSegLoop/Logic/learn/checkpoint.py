@@ -15,13 +15,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from semsegloop.data.atomic import _fsync_dir
+from semsegloop.data.atomic import _fsync_dir, make_temp
 from semsegloop.errors import CheckpointError
 
 FORMAT = "semsegloop-checkpoint"
@@ -215,8 +214,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_tmp(directory: Path, name: str, suffix: str, data: bytes, created: list[Path]) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f"{name}.tmp", suffix=suffix, dir=directory)
-    tmp_path = Path(tmp)
+    fd, tmp_path = make_temp(directory, f"{name}.tmp", suffix)
     created.append(tmp_path)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
