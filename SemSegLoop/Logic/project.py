@@ -12,6 +12,7 @@ Layout (every write is atomic; nothing painted or trained is overwritten in plac
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -53,6 +54,7 @@ class Project:
         self._lock = threading.RLock()
         self._read_only = read_only
         self._folder_lock: folder_lock.FolderLock | None = None
+        self._train_lock = threading.Lock()   # one round at a time
 
     # ---------------------------------------------------------------- create / open / save
     @classmethod
@@ -318,12 +320,13 @@ class Project:
             entry["file"] = rel
         else:
             entry["file"] = str(Path(image.source).resolve())
-        self._meta["images"].append(entry)
-        try:
-            self.save()
-        except BaseException:
-            self._meta["images"].pop()
-            raise
+        with self._lock:
+            self._meta["images"].append(entry)
+            try:
+                self.save()
+            except BaseException:
+                self._meta["images"].pop()
+                raise
         self._image_cache[image_id] = ImageData(image.array, image.geometry, name, image.source)
         return image_id
 
@@ -369,13 +372,14 @@ class Project:
             raise LabelError(f"labels for image '{image_id}' are on a different grid "
                              f"(spacing/origin/direction {geometry.to_json()} vs "
                              f"{self.geometry(image_id).to_json()})")
-        p = self._labels_path(image_id)
-        imageio.write_labels(p, arr.astype(np.uint8), self.geometry(image_id))
-        st = p.stat()
-        entry["labels_file"] = [st.st_size, st.st_mtime_ns]
-        entry["labeled_pixels"] = _counts(arr, self.n_classes)
-        entry["labels_updated"] = _now()
-        self.save()
+        with self._lock:   # another thread may be saving project.json (a round ending)
+            p = self._labels_path(image_id)
+            imageio.write_labels(p, arr.astype(np.uint8), self.geometry(image_id))
+            st = p.stat()
+            entry["labels_file"] = [st.st_size, st.st_mtime_ns]
+            entry["labeled_pixels"] = _counts(arr, self.n_classes)
+            entry["labels_updated"] = _now()
+            self.save()
 
     def check_labels(self, shape: tuple, labels, what: str) -> np.ndarray:
         """Validate a label map for an image of (S, Y, X) ``shape``; returns it as (S, Y, X)."""
@@ -439,7 +443,7 @@ class Project:
         from semsegloop.learn.teacher import available as teacher_available
         from semsegloop.data.normalization import normalize
 
-        with self._lock:
+        with self._train_lock, self._lock:
             ids = image_ids or self.labeled_image_ids()
             data = [(i, self.labels(i)) for i in ids]
             data = [(i, lab) for i, lab in data if lab.any()]
@@ -478,9 +482,12 @@ class Project:
             if reference:
                 validator = lambda model, plan, dev: self._validator(model, plan, dev, reference)
             logf = self._logger()
-            out = run_round(images, settings, warm_start=self._warm_start,
-                            make_validator=validator, progress=progress, cancel=cancel,
-                            log=logf, started=t_start)
+            # The folder lock is not held while the round trains, so images can be added and
+            # labels stored meanwhile (the round uses the data read above).
+            with _released(self._lock):
+                out = run_round(images, settings, warm_start=self._warm_start,
+                                make_validator=validator, progress=progress, cancel=cancel,
+                                log=logf, started=t_start)
             del images
             n_steps, last_loss, cancelled, val = out.steps, out.final_loss, out.cancelled, out.val_dice
             seconds, plan, model, device_t = out.seconds, out.plan, out.model, out.device
@@ -777,6 +784,16 @@ class Project:
     def __repr__(self) -> str:
         return (f"Project('{self.path}', classes={self.class_names}, dims={self.dims}, "
                 f"images={len(self.image_ids)}, round={self.round})")
+
+
+@contextlib.contextmanager
+def _released(lock):
+    """Release a held RLock for the block and take it back afterwards."""
+    lock.release()
+    try:
+        yield
+    finally:
+        lock.acquire()
 
 
 def _spread(n: int, k: int) -> list[int]:

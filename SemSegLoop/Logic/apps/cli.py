@@ -1,4 +1,4 @@
-"""The `semsegloop` command: init | add | train | predict | evaluate | export | demo.
+"""The `semsegloop` command: init | add | train | predict | evaluate | export | demo | serve.
 
 Every error the user can fix prints one line `semsegloop: error: ...` and exits with 2;
 Ctrl-C during training stops at the next step and keeps the model trained so far."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -81,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("out", type=Path)
     s.add_argument("--format", default="nrrd", choices=("nrrd", "tif", "nii.gz", "mha"))
     s.add_argument("--fractions", type=Path, help="CSV path (default: OUT/class_fractions.csv)")
+
+    s = sub.add_parser("serve", help="run the engine service for one project (JSON lines)",
+                       description="Run one persistent engine process for a project: requests "
+                                   "as JSON lines on stdin, events as JSON lines on stdout, logs "
+                                   "on stderr (protocol 1, see the README). EOF ends it.")
+    s.add_argument("project", type=Path)
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (reported in ready)")
+    s.add_argument("--new-process-group", action="store_true",
+                   help="lead a new process group, so a client can kill the whole tree")
 
     s = sub.add_parser("demo", help="run the whole loop on built-in synthetic data",
                        description="Simulated strokes on synthetic tiles, train, predict, "
@@ -266,6 +276,16 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from semsegloop.service.server import serve
+
+    code = serve(a.project, device=a.device, new_process_group=a.new_process_group)
+    # Every file is written and every event flushed: skip the interpreter's slow teardown of
+    # torch, so a client waiting for the exit (Stop, restart, tests) gets it at once.
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def cmd_demo(a) -> int:
     from semsegloop.apps.demo import run_demo
 
@@ -278,7 +298,7 @@ def cmd_demo(a) -> int:
 
 
 COMMANDS = {"init": cmd_init, "add": cmd_add, "train": cmd_train, "predict": cmd_predict,
-            "evaluate": cmd_evaluate, "export": cmd_export, "demo": cmd_demo}
+            "evaluate": cmd_evaluate, "export": cmd_export, "demo": cmd_demo, "serve": cmd_serve}
 
 
 def main(argv=None) -> int:
