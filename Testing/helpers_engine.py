@@ -3,6 +3,7 @@ project builders, so each test trains a real UNet in a second or two on a slow 2
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -111,3 +112,28 @@ def copy_project(src: Path, dst: Path):
 def dice(pred: np.ndarray, ref: np.ndarray, k: int) -> float:
     a, b = pred == k, ref == k
     return float(2 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b)))
+
+
+@contextlib.contextmanager
+def read_only_folder(path: Path):
+    """Make ``path`` a folder nobody may create files in, for real: mode 0555, or, for root
+    (who ignores modes), the immutable attribute; skips the test where neither is possible."""
+    import os
+    import subprocess
+
+    if os.name != "posix":
+        pytest.skip("read-only folders are tested on POSIX")
+    if os.geteuid() != 0:
+        old = path.stat().st_mode
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(old)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without chattr +i: cannot make a folder read-only")
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)

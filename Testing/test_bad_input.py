@@ -228,7 +228,7 @@ def test_damaged_latest_checkpoint_is_named_and_the_previous_round_still_works(t
     again = semsegloop.Project.open(tmp_path / "p")
     with pytest.raises(CheckpointError, match="round_002.safetensors") as info:
         again.predict(image_id)
-    assert "round=1" in str(info.value)
+    assert "round=1" in str(info.value) and ".;" not in str(info.value)
     pred = again.predict(image_id, round=1, save=False)
     assert pred.shape == (1, 64, 64) and pred.min() >= 1
 
@@ -348,3 +348,162 @@ def test_disk_full_while_saving_a_checkpoint_keeps_earlier_rounds(tmp_path, tiny
     np.testing.assert_array_equal(again.predict(image_id, save=False), pred_before)
     # With room again, the next round trains and saves normally.
     assert again.train(steps=1, device="cpu").round == 2
+
+
+# ------------------------------------------------------------------------------ checked up front
+# Each bad input below is refused with a SemSegLoopError naming the file, array, class or
+# setting, before any work is done and without changing the project.
+
+@pytest.mark.parametrize("shape", [(1, 2), (2, 2), (3, 40)])
+def test_an_image_below_the_network_minimum_is_refused_naming_it(project, shape):
+    proj, _ = project
+    before = (proj.path / "project.json").read_bytes()
+    with pytest.raises(ImageReadError, match="tiny_tile") as info:
+        proj.add_image(np.ones(shape, np.float32), name="tiny_tile")
+    assert f"{shape[0]} x {shape[1]} pixels" in str(info.value) and "at least 4 x 4" in str(info.value)
+    assert (proj.path / "project.json").read_bytes() == before
+
+
+def test_a_4x4_image_trains_and_predicts_beside_a_big_one(tmp_path, tiny_models):
+    proj, big, _ = make_square_project(tmp_path / "p")
+    small = proj.add_image(np.arange(16, dtype=np.float32).reshape(4, 4) / 16, name="small")
+    lab = np.zeros((4, 4), np.uint8)
+    lab[0, 0], lab[3, 3] = 1, 2
+    proj.set_labels(small, lab)
+    proj.train(steps=2, device="cpu")
+    pred = proj.predict(small, save=False, keep_strokes=False)
+    assert pred.shape == (1, 4, 4) and pred.min() >= 1 and pred.max() <= 2
+    assert proj.predict(big, save=False).shape == (1, 64, 64)
+
+
+def test_an_rgb_array_added_to_a_grey_project_is_refused_not_stored_as_slices(project):
+    proj, _ = project
+    rgb = np.random.default_rng(0).integers(0, 255, (96, 96, 3)).astype(np.uint8)
+    with pytest.raises(ImageReadError, match="photo") as info:
+        proj.add_image(rgb, name="photo")
+    assert "(96, 96, 3)" in str(info.value) and "1 channel" in str(info.value)
+    assert len(proj.image_ids) == 1
+
+
+def test_a_checkpoint_of_a_project_with_more_classes_is_refused_before_predicting(tmp_path,
+                                                                                  tiny_models):
+    two, image_id, _ = make_square_project(tmp_path / "two")
+    two.train(steps=1, device="cpu")
+    three, _, _ = make_square_project(tmp_path / "three", classes=("a", "b", "c"))
+    three.train(steps=1, device="cpu")
+    for ext in ("safetensors", "json"):
+        name = f"round_001.{ext}"
+        (tmp_path / "two" / "checkpoints" / name).write_bytes(
+            (tmp_path / "three" / "checkpoints" / name).read_bytes())
+    two.close()
+    again = semsegloop.Project.open(tmp_path / "two", read_only=True)
+    with pytest.raises(CheckpointError, match="round_001") as info:
+        again.predict(image_id)
+    assert "predicts 3 classes" in str(info.value) and "has 2" in str(info.value)
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("classes", "ab", "'classes'"),
+    ("classes", [{"name": "a", "color": [0, 0, 0]}], "'classes'"),
+    ("classes", [{"name": "a", "color": [0, 0, 0]}, {"name": "b", "color": [300, 0, 0]}],
+     "'classes'"),
+    ("dims", 5, "'dims' must be 2 or 3"),
+    ("channels", "grey", "'channels'"),
+    ("preset", 7, "'preset'"),
+    ("images", {"a": 1}, "'images'"),
+    ("images", [{"id": "x"}], "'images'"),
+    ("rounds", [{"steps": 3}], "'rounds'"),
+])
+def test_a_hand_edited_project_json_is_refused_on_open_naming_the_entry(tmp_path, key, value,
+                                                                         named):
+    semsegloop.Project.create(tmp_path / "p", ["a", "b"]).close()
+    f = tmp_path / "p" / "project.json"
+    meta = json.loads(f.read_text())
+    meta[key] = value
+    f.write_text(json.dumps(meta))
+    with pytest.raises(ProjectError, match="project.json") as info:
+        semsegloop.Project.open(tmp_path / "p", read_only=True)
+    assert named in str(info.value)
+    if key == "dims":
+        assert "preset" not in str(info.value)
+
+
+def test_opening_a_file_says_it_is_a_file(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ProjectError, match="is a file, not a project folder"):
+        semsegloop.Project.open(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize("steps", [2.5, "3", True])
+def test_steps_must_be_a_whole_number(project, steps):
+    proj, image_id = project
+    with pytest.raises(SemSegLoopError, match="steps must be a whole number"):
+        proj.train(steps=steps, device="cpu")
+    assert proj.rounds == []
+
+
+@pytest.mark.parametrize("budget", ["10", float("nan"), float("inf"), -1])
+def test_the_time_budget_must_be_a_positive_number(project, budget):
+    proj, _ = project
+    with pytest.raises(SemSegLoopError, match="time_budget_s"):
+        proj.train(time_budget_s=budget, device="cpu")
+
+
+@pytest.mark.parametrize("color", [(300, -5, 0), (1, 2), (1.5, 2, 3), "red"])
+def test_colours_must_be_three_whole_numbers_in_0_255(tmp_path, color):
+    with pytest.raises(ProjectError, match="class 'cell'") as info:
+        semsegloop.Project.create(tmp_path / "p", ["cell", "background"],
+                                  colors=[color, (0, 0, 0)])
+    assert "0..255" in str(info.value) and not (tmp_path / "p" / "project.json").exists()
+    proj = semsegloop.Project.create(tmp_path / "q", ["cell", "background"])
+    with pytest.raises(ProjectError, match="class 'background'"):
+        proj.set_classes([{"name": "cell"}, {"name": "background", "color": color}])
+    assert proj.classes == semsegloop.Project.open(tmp_path / "q", read_only=True).classes
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_models):
+    proj, image_id, ref = make_square_project(tmp_path_factory.mktemp("t") / "p")
+    proj.train(steps=2, device="cpu")
+    proj.close()
+    return proj.path, image_id, ref
+
+
+@pytest.mark.parametrize("bad, named", [(1.5, "1.5"), (-1, "-1")])
+def test_a_reference_with_fractional_or_negative_values_names_the_value(trained, bad, named):
+    path, image_id, ref = trained
+    proj = semsegloop.Project.open(path, read_only=True)
+    reference = ref.astype(np.float32 if isinstance(bad, float) else np.int16)
+    reference[0, 5, 5] = bad
+    with pytest.raises(LabelError, match=image_id) as info:
+        proj.evaluate({image_id: reference})
+    assert f"value {named}" in str(info.value) and "255" not in str(info.value)
+    whole = ref.astype(np.float32)                # whole-number floats are a label map
+    assert proj.evaluate({image_id: whole})["images"][image_id]
+
+
+def test_export_into_a_file_is_refused_before_predicting(trained, tmp_path):
+    path, _, _ = trained
+    proj = semsegloop.Project.open(path, read_only=True)
+    target = tmp_path / "results.nrrd"
+    target.write_text("not a folder")
+    t0 = __import__("time").perf_counter()
+    with pytest.raises(ProjectError, match="results.nrrd") as info:
+        proj.export(target)
+    assert "is a file" in str(info.value) and __import__("time").perf_counter() - t0 < 0.5
+
+
+def test_a_read_only_folder_is_refused_up_front_and_can_still_be_read(trained, tmp_path):
+    import shutil
+    from helpers_engine import read_only_folder
+
+    path, image_id, _ = trained
+    copy = tmp_path / "shared"
+    shutil.copytree(path, copy)
+    with read_only_folder(copy):
+        with pytest.raises(ProjectError, match="cannot write in project folder") as info:
+            semsegloop.Project.open(copy)
+        assert str(copy) in str(info.value) and ".tmp" not in str(info.value)
+        assert "read_only=True" in str(info.value)
+        viewer = semsegloop.Project.open(copy, read_only=True)
+        assert viewer.predict(image_id).shape == (1, 64, 64)

@@ -16,6 +16,8 @@ import contextlib
 import datetime as _dt
 import json
 import logging
+import math
+import numbers
 import os
 import re
 import threading
@@ -68,6 +70,8 @@ class Project:
             raise ProjectError(f"dims must be 2 or 3, got {dims!r}")
         if colors is not None and len(colors) != len(names):
             raise ProjectError(f"{len(colors)} colours given for {len(names)} classes")
+        if colors is not None:
+            colors = [_check_color(c, n) for c, n in zip(colors, names)]
         if (path / PROJECT_FILE).exists() and not exist_ok:
             raise ProjectError(f"'{path}' already holds a project; use Project.open")
         if path.exists() and not path.is_dir():
@@ -83,7 +87,7 @@ class Project:
         cls_list = []
         for i, n in enumerate(names):
             col = colors[i] if colors is not None else DEFAULT_COLORS[i % len(DEFAULT_COLORS)]
-            cls_list.append({"name": n, "color": [int(c) for c in col]})
+            cls_list.append({"name": n, "color": list(col)})
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "classes": cls_list,
                 "dims": dims, "channels": channels, "normalization": normalization,
                 "preset": preset, "images": [], "rounds": [],
@@ -127,9 +131,7 @@ class Project:
         if version > FORMAT_VERSION:
             raise ProjectError(f"'{f}' was written by a newer SemSegLoop (format version "
                                f"{version}; this one reads up to {FORMAT_VERSION}); upgrade")
-        for key in ("classes", "dims", "images", "rounds", "preset"):
-            if key not in meta:
-                raise ProjectError(f"'{f}' is damaged: the '{key}' entry is missing")
+        _check_meta(meta, f)
         proj = cls(path, meta, read_only=read_only)
         if read_only:
             proj._count_labels_from_files()
@@ -263,7 +265,7 @@ class Project:
         new = []
         for i, c in enumerate(classes):
             name = str(c["name"]).strip()
-            color = [int(v) for v in c.get("color", DEFAULT_COLORS[i % len(DEFAULT_COLORS)])]
+            color = _check_color(c.get("color", DEFAULT_COLORS[i % len(DEFAULT_COLORS)]), name)
             new.append({"name": name, "color": color})
         _check_class_names([c["name"] for c in new])
         self._meta["classes"] = new
@@ -299,6 +301,7 @@ class Project:
         if geometry is not None:
             image = ImageData(image.array, geometry, image.name, image.source)
         name = name or image.name
+        self._check_image_size(image.array.shape, name)
         imageio.check_finite(image.array, name)
         if self.dims == 3 and image.array.shape[0] < 2:
             log.info("3D project: image '%s' has a single slice", name)
@@ -329,6 +332,14 @@ class Project:
                 raise
         self._image_cache[image_id] = ImageData(image.array, image.geometry, name, image.source)
         return image_id
+
+    def _check_image_size(self, shape: tuple, name: str) -> None:
+        from semsegloop.learn.networks import MIN_IMAGE_SIDE
+
+        rows, cols = shape[1], shape[2]
+        if min(rows, cols) < MIN_IMAGE_SIDE:
+            raise ImageReadError(f"image '{name}' is {rows} x {cols} pixels; the network needs "
+                                 f"at least {MIN_IMAGE_SIDE} x {MIN_IMAGE_SIDE} (rows x columns)")
 
     def _new_id(self, name: str) -> str:
         base = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:40] or "image"
@@ -432,8 +443,14 @@ class Project:
 
         t_start = _time.perf_counter()
         self._check_writable("train (a round saves a model)")
-        if time_budget_s is not None and not time_budget_s > 0:
-            raise TrainingError(f"time_budget_s must be positive (got {time_budget_s})")
+        if time_budget_s is not None and not (
+                isinstance(time_budget_s, numbers.Real) and not isinstance(time_budget_s, bool)
+                and math.isfinite(time_budget_s) and time_budget_s > 0):
+            raise TrainingError(f"time_budget_s must be a positive number of seconds "
+                                f"(got {time_budget_s!r})")
+        if steps is not None and (not isinstance(steps, numbers.Integral)
+                                  or isinstance(steps, bool)):
+            raise TrainingError(f"steps must be a whole number (got {steps!r})")
         if steps is not None and steps < 1:
             raise TrainingError(f"steps must be at least 1 (got {steps})")
         from semsegloop.learn import training as tr
@@ -570,15 +587,18 @@ class Project:
     def _check_reference(self, image_id: str, reference) -> np.ndarray:
         shape = tuple(self._entry(image_id)["shape"][:3])
         ref = np.asarray(reference)
+        what = f"reference for image '{image_id}'"
         if ref.ndim == 2 and shape[0] == 1:
             ref = ref[None]
         if ref.shape != shape:
-            raise LabelError(f"reference for image '{image_id}' has shape {ref.shape}, "
-                             f"image is {shape}")
-        if ref.size and int(ref.max()) > self.n_classes:
-            raise LabelError(f"reference for image '{image_id}' contains value {int(ref.max())} "
-                             f"> {self.n_classes} classes")
-        return ref.astype(np.uint8)
+            raise LabelError(f"{what} has shape {ref.shape}, image is {shape}")
+        if ref.dtype.kind == "f":  # some tools store label maps as float: whole numbers only
+            bad = ~np.isfinite(ref) | (ref != np.round(ref))
+            if bad.any():
+                raise LabelError(f"{what} holds the non-integer value {ref[bad].flat[0]:g}; a "
+                                 f"reference holds class numbers 0..{self.n_classes}")
+            ref = ref.astype(np.int64)
+        return self.check_labels(shape, ref, what).astype(np.uint8)
 
     def _logger(self) -> Callable[[dict], None]:
         path = self.path / "train_log.jsonl"
@@ -633,11 +653,13 @@ class Project:
             earlier = [r["round"] for r in done if r["round"] < entry["round"]]
             hint = (f"; the model of round {earlier[-1]} is intact: predict with round="
                     f"{earlier[-1]} or train again" if earlier else "; train again")
-            raise CheckpointError(f"{e}{hint}") from None
+            raise CheckpointError(f"{str(e).rstrip('.')}{hint}") from None
         plan = NetworkPlan.from_json(meta["plan"])
-        if plan.out_channels != self.n_classes:
-            log.warning("model of round %s predicts %d classes, project has %d",
-                        entry["round"], plan.out_channels, self.n_classes)
+        if plan.out_channels > self.n_classes:
+            raise CheckpointError(f"checkpoint '{d / name}' (round {entry['round']}) predicts "
+                                  f"{plan.out_channels} classes but project '{self.path.name}' "
+                                  f"has {self.n_classes} ({', '.join(self.class_names)}); it "
+                                  f"belongs to another project: train again")
         model = build_network(plan)
         try:
             model.load_state_dict(state)
@@ -727,8 +749,9 @@ class Project:
 
         out = {"round": self.round, "images": {}}
         per_class: dict[str, list[float]] = {n: [] for n in self.class_names}
+        # Every reference is checked before the first image is predicted.
+        references = {i: self._check_reference(i, r) for i, r in references.items()}
         for image_id, ref in references.items():
-            ref = self._check_reference(image_id, ref)
             pred = self.saved_prediction(image_id)
             if pred is None:
                 if not predict_missing:
@@ -769,6 +792,14 @@ class Project:
         if fmt not in ("nrrd", "tif", "tiff", "nii.gz", "mha"):
             raise ProjectError(f"export format '{fmt}' is not one of nrrd, tif, nii.gz, mha")
         out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ProjectError(f"export target '{out_dir}' is a file; give a folder")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ProjectError(f"cannot create export folder '{out_dir}': {e.strerror or e}") from None
+        if not os.access(out_dir, os.W_OK):
+            raise ProjectError(f"export folder '{out_dir}' is not writable")
         written = []
         for image_id in image_ids or self.image_ids:
             pred = self.saved_prediction(image_id)
@@ -810,6 +841,64 @@ def _check_class_names(names: list[str]) -> list[str]:
     if len(names) > 255:
         raise ProjectError("at most 255 classes fit a uint8 label map")
     return names
+
+
+def _check_color(color, class_name: str) -> list[int]:
+    """An (r, g, b) colour of whole numbers 0..255, or ProjectError naming the class."""
+    try:
+        values = list(color)
+    except TypeError:
+        values = None
+    if (values is None or len(values) != 3
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                       and 0 <= v <= 255 for v in values)):
+        raise ProjectError(f"colour {color!r} of class '{class_name}' must be three whole "
+                           f"numbers r, g, b in 0..255")
+    return [int(v) for v in values]
+
+
+def _check_meta(meta: dict, f: Path) -> None:
+    """project.json's schema, so a damaged or hand-edited file is refused on open, naming the
+    entry, instead of failing at the end of a training round."""
+    def bad(key: str, want: str):
+        raise ProjectError(f"'{f}' is damaged: '{key}' must be {want}, got {meta.get(key)!r}"[:400])
+
+    for key in ("classes", "dims", "images", "rounds", "preset"):
+        if key not in meta:
+            raise ProjectError(f"'{f}' is damaged: the '{key}' entry is missing")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) for c in classes):
+        bad("classes", "a list of {\"name\": ..., \"color\": [r, g, b]}")
+    try:
+        _check_class_names([c["name"] for c in classes])
+        for c in classes:
+            _check_color(c.get("color"), c["name"])
+    except ProjectError as e:
+        raise ProjectError(f"'{f}' is damaged: 'classes': {e}") from None
+    if meta["dims"] not in (2, 3) or isinstance(meta["dims"], bool):
+        bad("dims", "2 or 3")
+    ch = meta.get("channels")
+    if ch is not None and (not isinstance(ch, int) or isinstance(ch, bool) or ch < 1):
+        bad("channels", "a positive whole number or null")
+    if not isinstance(meta["preset"], str) or not meta["preset"]:
+        bad("preset", "a network preset name")
+    norm = meta.get("normalization")
+    if norm is not None and not isinstance(norm, dict):
+        bad("normalization", "an object or null")
+    images = meta["images"]
+    need = {"id": str, "name": str, "shape": list, "geometry": dict, "file": str}
+    if not isinstance(images, list) or not all(
+            isinstance(im, dict) and all(isinstance(im.get(k), t) for k, t in need.items())
+            and len(im["shape"]) == 4 for im in images):
+        bad("images", "a list of image entries with id, name, shape (S, Y, X, C), geometry "
+                      "and file")
+    if len({im["id"] for im in images}) != len(images):
+        bad("images", "entries with unique ids")
+    rounds = meta["rounds"]
+    if not isinstance(rounds, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("round"), int) for r in rounds):
+        bad("rounds", "a list of round entries with a round number")
 
 
 def _counts(arr: np.ndarray, k: int) -> dict[str, int]:

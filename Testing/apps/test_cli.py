@@ -227,3 +227,72 @@ def test_demo_runs_the_loop_and_writes_overlays_and_fractions(tmp_path, capsys):
     assert {r["class"] for r in rows} == {"collagen", "cell", "background"}
     proj = semsegloop.Project.open(out / "project", read_only=True)
     assert proj.round == 2 and proj.rounds[1]["warm_start"] == "checkpoints/round_001"
+
+
+@pytest.mark.parametrize("colors, named", [("1,2;3", "'1,2'"), ("1,2,3;4,5", "'4,5'"),
+                                           ("300,0,0;0,0,0", "'300,0,0'"),
+                                           ("a,b,c;0,0,0", "'a,b,c'")])
+def test_init_with_bad_colours_is_a_one_line_error_and_creates_nothing(tmp_path, capsys, colors,
+                                                                        named):
+    assert main(["init", str(tmp_path / "p"), "--classes", "a,b", "--colors", colors]) == 2
+    line = _error_line(capsys)
+    assert "--colors" in line and named in line and "0..255" in line
+    assert not (tmp_path / "p" / "project.json").exists()
+
+
+@pytest.fixture
+def trained_cli_project(tmp_path, painted_files, capsys, tiny_models):
+    png, labels, reference = painted_files
+    proj_dir = tmp_path / "proj"
+    main(["init", str(proj_dir), "--classes", "square,background", "--preset", "tiny2d"])
+    main(["add", str(proj_dir), str(png), "--labels", str(labels)])
+    assert main(["train", str(proj_dir), "--steps", "2", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    return proj_dir, reference
+
+
+def test_evaluate_json_into_a_folder_is_refused_before_evaluating(trained_cli_project, tmp_path,
+                                                                  capsys):
+    proj_dir, reference = trained_cli_project
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    assert main(["evaluate", str(proj_dir), "--reference", f"square={reference}",
+                 "--json", str(folder)]) == 2
+    line = _error_line(capsys)
+    assert "--json" in line and "reports" in line and "folder" in line
+    assert not (proj_dir / "predictions").exists(), "nothing was predicted"
+
+
+def test_export_into_a_file_is_a_one_line_error_before_predicting(trained_cli_project, tmp_path,
+                                                                  capsys):
+    proj_dir, _ = trained_cli_project
+    target = tmp_path / "out.nrrd"
+    target.write_text("x")
+    assert main(["export", str(proj_dir), str(target)]) == 2
+    assert "out.nrrd" in _error_line(capsys)
+    assert not (proj_dir / "predictions").exists()
+
+
+def test_add_and_predict_on_a_read_only_project_are_one_line_errors(trained_cli_project,
+                                                                    painted_files, capsys):
+    from helpers_engine import read_only_folder
+
+    proj_dir, reference = trained_cli_project
+    with read_only_folder(proj_dir):
+        for argv in (["add", str(proj_dir), str(painted_files[0])], ["predict", str(proj_dir)],
+                     ["train", str(proj_dir), "--steps", "1"]):
+            assert main(argv) == 2, argv
+            line = _error_line(capsys)
+            assert "cannot write in project folder" in line and str(proj_dir) in line
+        # Evaluating writes nothing in the project, so it still works there.
+        assert main(["evaluate", str(proj_dir), "--reference", f"square={reference}"]) == 0
+
+
+def test_a_second_writer_is_a_one_line_error_naming_the_holder(trained_cli_project, capsys):
+    import os
+
+    proj_dir, _ = trained_cli_project
+    holder = semsegloop.Project.open(proj_dir)
+    assert main(["train", str(proj_dir), "--steps", "1", "--device", "cpu"]) == 2
+    assert f"process {os.getpid()}" in _error_line(capsys)
+    holder.close()

@@ -357,7 +357,8 @@ def test_as_image_data_2d_rules():
     assert as_image_data(np.zeros((4, 20, 30, 2))).array.shape == (4, 20, 30, 2)
     # The project's channel count settles the ambiguous case.
     assert as_image_data(np.zeros((3, 20, 3)), channels=1).array.shape == (3, 20, 3, 1)
-    assert as_image_data(np.zeros((20, 30, 3)), channels=1).array.shape == (20, 30, 3, 1)
+    with pytest.raises(ImageReadError, match=r"'rgb'.*\(20, 30, 3\).*1 channel"):
+        as_image_data(np.zeros((20, 30, 3)), channels=1, name="rgb")   # not 20 slices of 30x3
     assert as_image_data(np.zeros((20, 30, 3)), channels=3).array.shape == (1, 20, 30, 3)
     with pytest.raises(ImageReadError, match="'probe'.*3 channels"):
         as_image_data(np.zeros((20, 30, 4)), channels=3, name="probe")

@@ -175,12 +175,32 @@ def _open(path, read_only: bool = False):
     return proj
 
 
+def _color(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    try:
+        values = tuple(int(v) for v in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(0 <= v <= 255 for v in values):
+        raise SemSegLoopError(f"--colors: '{text}' is not a colour r,g,b of three whole numbers "
+                              f"in 0..255 (colours are separated by ';')")
+    return values
+
+
+def _writable_file_target(path: Path, option: str) -> None:
+    """Refuse an output file path that cannot be written, before any work is done."""
+    if path.is_dir():
+        raise SemSegLoopError(f"{option} '{path}' is a folder; give a file name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise SemSegLoopError(f"{option} '{path}': '{path.parent}' is not a folder")
+
+
 def cmd_init(a) -> int:
     from semsegloop.project import Project
 
     colors = None
     if a.colors:
-        colors = [tuple(int(v) for v in c.split(",")) for c in a.colors.split(";")]
+        colors = [_color(c) for c in a.colors.split(";")]
     proj = Project.create(a.project, [c for c in a.classes.split(",")], dims=a.dims,
                           preset=a.preset, colors=colors)
     _opened.append(proj)
@@ -247,6 +267,8 @@ def cmd_predict(a) -> int:
 def cmd_evaluate(a) -> int:
     from semsegloop.data import imageio
 
+    if a.json:
+        _writable_file_target(a.json, "--json")
     proj = _open(a.project, read_only=True)  # evaluating writes nothing in the project
     refs = {}
     for item in a.reference:
@@ -268,9 +290,12 @@ def cmd_evaluate(a) -> int:
 
 def cmd_export(a) -> int:
 
+    csv = a.fractions or a.out / "class_fractions.csv"
+    if a.out.exists() and not a.out.is_dir():
+        raise SemSegLoopError(f"export target '{a.out}' is a file; give a folder")
+    _writable_file_target(csv, "--fractions")
     proj = _open(a.project, read_only=True)  # exporting writes only to OUT
     files = proj.export(a.out, fmt=a.format)
-    csv = a.fractions or a.out / "class_fractions.csv"
     proj.class_fractions(csv_path=csv)
     print(f"exported {len(files)} label map(s) to {a.out} and class fractions to {csv}")
     return 0

@@ -72,7 +72,7 @@ def acquire(folder: str | os.PathLike, what: str = "project") -> FolderLock:
             if mine is not None and mine.held:
                 raise ProjectError(
                     f"{what} '{folder}' is already open for writing in this process "
-                    f"(since {mine.record['since']}); close() that Project first or open this "
+                    f"({describe(mine.record)}); close() that Project first or open this "
                     f"one with read_only=True")
             record = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(),
                       "token": uuid.uuid4().hex}

@@ -545,7 +545,9 @@ def as_image_data(array, spacing=None, name: str = "image", dims: int = 2,
       any other 3-D array (N, Y, X) -> (N, Y, X, 1), a stack of N slices;
       (N, Y, X, C) is kept.
       With ``channels`` (the project's channel count) a 3-D array is read as (Y, X, C) when
-      channels > 1 and as (N, Y, X) when channels == 1 (unless its last axis has length 1).
+      channels > 1 and as (N, Y, X) when channels == 1 (unless its last axis has length 1);
+      with channels == 1 a (Y, X, C) array that would pass as a colour image (C in 2..4, smaller
+      than Y and X) is refused rather than read as Y slices of X x C.
     3D mode (``dims=3``):
       (Z, Y, X) -> (Z, Y, X, 1); (Z, Y, X, C) kept; (Y, X) -> (1, Y, X, 1); with channels > 1
       a 3-D array whose last axis equals ``channels`` is one (Y, X, C) slice.
@@ -582,6 +584,10 @@ def as_image_data(array, spacing=None, name: str = "image", dims: int = 2,
                     f"image '{name}' has shape {arr.shape} but the project has {channels} "
                     "channels; give a (Y, X, C) array with channels last")
         elif channels == 1:
+            if dims == 2 and c in (2, 3, 4) and c < a and c < b:  # RGB into a grey project
+                raise ImageReadError(
+                    f"image '{name}' has shape {arr.shape}, a (Y, X, {c}) colour image, but "
+                    f"the project's images have 1 channel (grey); convert it to grey first")
             as_channels = c == 1
         elif dims == 2:
             as_channels = c in (1, 2, 3, 4) and c < a and c < b

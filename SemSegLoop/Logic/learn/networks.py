@@ -15,6 +15,9 @@ from semsegloop.errors import TrainingError
 PRESET_KEYS = {"name", "description", "dims", "network", "filters", "patch_size", "batch_size",
                "learning_rate", "norm"}
 DEFAULT_PRESET = {2: "unet2d_fast", 3: "unet3d"}
+# Smallest rows/columns an image may have: the plan halves a side at least twice, and a
+# deepest level of one pixel leaves instance normalisation nothing to normalise.
+MIN_IMAGE_SIDE = 4
 
 
 def preset_dirs() -> list[Path]:

@@ -32,6 +32,10 @@ def inference_roi(plan, spatial_shape) -> list[int]:
     for n, d, cap, p in zip(spatial_shape, plan.divisor, caps, plan.patch_size):
         want = min(_ceil_to(n, d), max(_ceil_to(cap, d), p))
         roi.append(max(want, d))
+    if all(r <= d for r, d in zip(roi, plan.divisor)):
+        # A window of one divisor would reach the deepest level as a single pixel, where
+        # instance norm fails: pad the longest side to two (a tiny image in a big plan).
+        roi[-1] = 2 * plan.divisor[-1]
     return roi
 
 
