@@ -3,14 +3,16 @@ prediction segmentation, correct it, train again. The engine (``semsegloop``) li
 
 Module / Widget / Logic / Test as in Slicer's scripted-module template. The widget only binds the
 panel to the parameter node and calls logic methods; the logic takes and returns MRML nodes and is
-usable from the Python console; torch work runs on one worker thread (Logic/worker.py).
+usable from the Python console. Training and prediction run in the engine service, a child
+process (PythonSlicer running `semsegloop serve`) started with qt.QProcess when a project opens;
+its events are read on the main thread, and no Python thread computes inside Slicer.
 """
 
 import enum
 import logging
 import os
 import pathlib
-from typing import Annotated
+from typing import Annotated, Union
 
 import qt
 import vtk
@@ -22,7 +24,7 @@ from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import *
 from slicer.util import VTKObservationMixin
 
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLVectorVolumeNode
 
 
 def _importEngine(moduleDir=None):
@@ -126,7 +128,9 @@ class SemSegLoopParameterNode:
     steps: 0 means "train for timeBudgetS seconds".
     """
 
-    inputVolume: vtkMRMLScalarVolumeNode
+    # Both classes, so connectGui keeps RGB (vector) volumes selectable: with child types hidden a
+    # scalar-only selector filters vtkMRMLVectorVolumeNode out (and would show label maps if not).
+    inputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]
     imageFolder: pathlib.Path
     dims: Dims = Dims.AUTO
     projectFolder: pathlib.Path
@@ -160,7 +164,6 @@ class SemSegLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._segmentEditorNode = None
-        self._pollTimer = None
         self._stopping = False
         self._updatingClassTable = False
 
@@ -173,13 +176,12 @@ class SemSegLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = SemSegLoopLogic()
 
         self._setupSegmentEditor()
-        # Drains the worker's events on the main thread: the only place training reaches the GUI.
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(200)
-        self._pollTimer.connect("timeout()", self.onPollTimer)
+        # The engine's events arrive on the main thread (the process's output signal).
+        self.logic.addJobObservers(self.onJobProgress, self.onJobFinished)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputVolumeChanged)
         self.ui.loadFolderButton.connect("clicked(bool)", self.onLoadFolderButton)
@@ -242,10 +244,10 @@ class SemSegLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setSourceVolumeNode(volumeNode)
 
     def cleanup(self) -> None:
+        # Called when the application closes (or the module is reloaded): the engine stops.
         if self.logic is not None:
+            self.logic.removeJobObservers(self.onJobProgress, self.onJobFinished)
             self.logic.shutdown()
-        if self._pollTimer is not None:
-            self._pollTimer.stop()
         self.removeObservers()
         self._effectFactory.disconnect("effectRegistered(QString)", self.onEffectRegistered)
 
@@ -263,11 +265,7 @@ class SemSegLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         editor.setActiveEffect(None)
         editor.uninstallKeyboardShortcuts()
         editor.removeViewObservations()
-        if self.logic.busyJob() is not None:
-            # The progress display lives in this panel; leaving it stops the run (model kept).
-            self.logic.cancel()
-            slicer.util.showStatusMessage(_("SemSegLoop: training stopped because the module was left; "
-                                            "the model so far is kept."), 5000)
+        # A running job goes on in the engine process; the panel shows it again on return.
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -286,6 +284,13 @@ class SemSegLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.segmentEditorWidget.updateWidgetFromMRML()
             self.initializeParameterNode()
 
+    def onSceneEndImport(self, caller, event) -> None:
+        # As the core Segment Editor: an imported scene may bring its own editor node.
+        if self.parent.isEntered:
+            self._selectSegmentEditorNode()
+            self.ui.segmentEditorWidget.updateWidgetFromMRML()
+            self.initializeParameterNode()
+
     # ---------------------------------------------------------------- parameter node
 
     def initializeParameterNode(self) -> None:
@@ -295,7 +300,8 @@ class SemSegLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             names = list(session.DEFAULT_CLASSES)
             self._storeClasses(names, [session.hex_color(session.default_color(i)) for i in range(len(names))])
         if not p.inputVolume:
-            p.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            from semsegloop.slicer import predictions
+            p.inputVolume = predictions.first_image_volume(slicer.mrmlScene)  # never a label map
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
@@ -475,46 +481,43 @@ class SemSegLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              preset=p.preset or None)
             self.logic.showLossPlot()
             self.ui.trainProgressBar.value = 0
-            self._startPolling()
+            self._jobStarted()
 
-    def _startPolling(self) -> None:
+    def _jobStarted(self) -> None:
         self._stopping = False
         self._updateButtons()
-        self._pollTimer.start()
 
-    def onPollTimer(self) -> None:
-        for event, outcome in self.logic.pollEvents():
-            if event.kind == "progress":
-                self.ui.trainProgressBar.value = session.progress_percent(event.payload, self._parameterNode.timeBudgetS)
-                self.ui.trainStatusLabel.text = session.progress_text(event.payload)
-            else:
-                self._onJobFinished(event, outcome)
-        if self.logic.busyJob() is None:
-            self._pollTimer.stop()
-            self._stopping = False
+    def onJobProgress(self, progress) -> None:
+        if not self._parameterNode:
+            return
+        self.ui.trainProgressBar.value = session.progress_percent(progress, self._parameterNode.timeBudgetS)
+        self.ui.trainStatusLabel.text = session.progress_text(progress)
+
+    def onJobFinished(self, job, outcome) -> None:
+        """A job's final event was read (a job is over only then): show it, follow up."""
+        self._stopping = False
         self._updateButtons()
-
-    def _onJobFinished(self, event, outcome) -> None:
-        level, text, details = session.final_message(event)
+        level, text, details = session.final_message(job)
         self.ui.trainStatusLabel.text = text
         if level == "error":
             slicer.util.errorDisplay(text, **({"detailedText": details} if details else {}))
         else:
             slicer.util.showStatusMessage(text, 5000)
         p = self._parameterNode
-        if event.job == "train":
+        if p is None:
+            return
+        if job.op == "train":
             self.ui.trainProgressBar.value = 100
-            trained = event.payload is not None and getattr(event.payload, "steps", 0) > 0
-            if trained and p.autoPredict and p.inputVolume and event.kind != "error":
+            if session.predict_after_training(job, p.autoPredict, bool(p.inputVolume)):
                 try:
                     self.onPredictButton()
-                except Exception:  # already shown by tryWithErrorDisplay; keep draining events
+                except Exception:  # already shown by tryWithErrorDisplay
                     logging.debug("automatic prediction did not start", exc_info=True)
-        elif event.job == "predict" and outcome and p.inputVolume and p.inputVolume.GetID() in outcome:
+        elif job.op == "predict" and outcome and p.inputVolume and p.inputVolume.GetID() in outcome:
             p.predictionSegmentation = outcome[p.inputVolume.GetID()]
-        elif event.job in ("fractions", "evaluate") and outcome is not None:
+        elif job.op in ("fractions", "evaluate") and outcome is not None:
             self.logic.showTable(outcome)
-        elif event.job == "export" and outcome:
+        elif job.op == "export" and outcome:
             self.ui.finishStatusLabel.text = _("Wrote {n} label maps to {folder}").format(
                 n=len(outcome), folder=os.path.dirname(str(outcome[0])))
 
@@ -527,7 +530,7 @@ class SemSegLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self._project()
             self.logic.predict(p.inputVolume, showUncertainty=p.showUncertainty)
-            self._startPolling()
+            self._jobStarted()
 
     def onAcceptCorrectionsButton(self) -> None:
         p = self._parameterNode
@@ -554,27 +557,27 @@ class SemSegLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self._project()
             self.logic.predictAll(showUncertainty=self._parameterNode.showUncertainty)
-            self._startPolling()
+            self._jobStarted()
 
     def onExportButton(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
             self._project()
             self.logic.exportPredictions(p.exportFolder, p.exportFormat.value)
-            self._startPolling()
+            self._jobStarted()
 
     def onFractionsButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not compute the class fractions."), waitCursor=True):
             self._project()
             self.logic.classFractions(self._parameterNode.exportFolder)
-            self._startPolling()
+            self._jobStarted()
 
     def onCompareButton(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Could not compare with the reference."), waitCursor=True):
             self._project()
             self.logic.compareWithReference(p.inputVolume, p.referenceSegmentation)
-            self._startPolling()
+            self._jobStarted()
 
 
 #
@@ -582,20 +585,95 @@ class SemSegLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class _SharedJobs:
-    """One worker thread per Slicer process, shared by every logic instance (widget and console),
-    so two trainings can never run at once and torch caches stay on one thread."""
+class _EngineProcess:
+    """The Qt side of the engine service: a qt.QProcess whose output signals feed the plain-Python
+    client (semsegloop.service.client) on the main thread. Everything else is in the client."""
 
-    worker = None
-    completion = None       # (job kind, main-thread function(payload, cancelled), scene generation)
-    sceneGeneration = 0
+    def __init__(self, argv):
+        self.argv = list(argv)
+        self.process = None
+        self._client = None
+        self._exited = False
+
+    @property
+    def pid(self):
+        return int(self.process.processId()) if self.process is not None else None
+
+    def start(self, client) -> None:
+        self._client = client
+        process = qt.QProcess()
+        process.connect("readyReadStandardOutput()", lambda: self._deliver(client.feed, process.readAllStandardOutput()))
+        process.connect("readyReadStandardError()", lambda: self._deliver(client.feed_stderr, process.readAllStandardError()))
+        process.connect("finished(int,QProcess::ExitStatus)", self._onFinished)
+        process.connect("errorOccurred(QProcess::ProcessError)", self._onError)
+        self.process = process
+        process.start(self.argv[0], self.argv[1:])
+
+    def _current(self) -> bool:
+        # A killed process's late signals must not reach its successor's jobs.
+        return self._client is not None and self._client.transport is self and not self._exited
+
+    def _deliver(self, sink, data) -> None:
+        if self._current():
+            sink(bytes(data.data()))
+
+    def _onFinished(self, exitCode, exitStatus) -> None:
+        if self._current():
+            self._client.feed(bytes(self.process.readAllStandardOutput().data()))
+            self._exited = True
+            self._client.process_exited(exitCode if exitStatus == qt.QProcess.NormalExit else None)
+
+    def _onError(self, error) -> None:
+        if error == qt.QProcess.FailedToStart and self._current():
+            self._client.feed_stderr(f"error: cannot start {self.argv[0]}: {self.process.errorString()}\n".encode())
+            self._exited = True
+            self._client.process_exited(None)
+
+    def write(self, data: bytes) -> None:
+        self.process.write(data)
+
+    def close_input(self) -> None:
+        self.process.closeWriteChannel()
+
+    def pump(self, timeout: float) -> None:
+        """For blocking waits (console, self-test): output arrives through the signals meanwhile."""
+        if self.process.state() == qt.QProcess.NotRunning:
+            self._onFinished(self.process.exitCode(), self.process.exitStatus())
+        else:
+            self.process.waitForReadyRead(max(1, int(timeout * 1000)))
+
+    def kill(self) -> None:
+        from semsegloop.service.client import kill_process_tree
+        if self.process.state() != qt.QProcess.NotRunning:
+            kill_process_tree(self.pid)
+            self.process.waitForFinished(10000)
+
+
+class _SharedEngine:
+    """One engine session per Slicer process, shared by every logic instance (widget and console),
+    so two trainings can never run at once and the model stays warm in one service."""
+
+    session = None
+    plot = None                 # the scene's LossPlot
+    progressObservers = []
+    finishedObservers = []
+    finished = []               # (job, outcome) since the last pollEvents()
 
     @classmethod
-    def getWorker(cls):
-        if cls.worker is None or not cls.worker.is_alive():
-            from semsegloop.slicer.worker import TrainingWorker
-            cls.worker = TrainingWorker()
-        return cls.worker
+    def get(cls):
+        if cls.session is None:
+            from semsegloop.slicer.engine import EngineSession, engine_python
+            cls.session = EngineSession(transport_factory=_EngineProcess,
+                                        python=engine_python(slicer_home=slicer.app.slicerHome),
+                                        engine_dir=os.path.dirname(semsegloop.__file__))
+            cls.session.listeners.append(cls._onFinished)
+        return cls.session
+
+    @classmethod
+    def _onFinished(cls, job, outcome):
+        cls.finished = (cls.finished + [(job, outcome)])[-100:]
+        for observer in list(cls.finishedObservers):
+            observer(job, outcome)
 
 
 class SemSegLoopLogic(ScriptedLoadableModuleLogic):
@@ -607,17 +685,16 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
         logic.train(timeBudgetS=60, wait=True)
         segmentation = logic.predict(volume, wait=True)
 
-    Every method runs on the main thread. Long work (training, prediction, export) goes to the
-    shared worker thread: with ``wait=False`` the method returns at once and results arrive
-    through :meth:`pollEvents` (the panel's timer); with ``wait=True`` it blocks and returns
-    the result, raising the job's exception on failure.
+    Every method runs on the main thread. Long work (training, prediction, export) runs in the
+    engine service, the project's one writer; ``self.project`` is a read-only view of it. With
+    ``wait=False`` a method returns at once and the result arrives through the observers (the
+    panel) or :meth:`pollEvents`; with ``wait=True`` it blocks and returns the result, raising
+    the job's error (e.g. LabelError) on failure.
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.project = None
-        self._plotNodes = None
-        self._plotStepOffset = 0
 
     def getParameterNode(self):
         return SemSegLoopParameterNode(super().getParameterNode())
@@ -626,38 +703,50 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
 
     def openOrCreateProject(self, folder, classNames=None, classColors=None, dims="auto", volumeNode=None, preset=None):
         """Open the project in ``folder`` (its images come into the scene) or create one there
-        with these classes; ``volumeNode``, if given, is added to it. Returns the Project."""
+        with these classes; ``volumeNode``, if given, is added to it. The engine service starts
+        for it. Returns the (read-only) Project."""
         state = session.project_folder_state(folder)
         if state == "unset":
             raise semsegloop.ProjectError(_("Choose a project folder in Input first: labels, models and "
                                             "predictions are kept there."))
         folder = pathlib.Path(folder).resolve()
         if self.project is not None and self.project.path.resolve() == folder:
-            project = self.project
+            pass
         elif state == "project":
-            project = semsegloop.Project.open(folder)
-            self._replaceProject(project)
+            self._openProject(folder)
             self.loadProjectIntoScene()
         elif state == "other":
             raise semsegloop.ProjectError(_("Folder '{folder}' is not empty and holds no SemSegLoop project; "
                                             "choose an empty folder or an existing project.").format(folder=folder))
         else:
+            from semsegloop.slicer import mrml_bridge
             classes = session.make_classes(classNames or session.DEFAULT_CLASSES, classColors)
             nSlices = volumeNode.GetImageData().GetDimensions()[2] if volumeNode and volumeNode.GetImageData() else None
             fromFolder = bool(volumeNode and volumeNode.GetAttribute("SemSegLoop.fromFolder"))
-            project = semsegloop.Project.create(folder, [c["name"] for c in classes],
-                                                dims=session.resolve_dims(dims, nSlices, fromFolder),
-                                                colors=[c["color"] for c in classes], preset=preset or None)
-            self._replaceProject(project)
+            # Created here, with its first image, before the service takes over as its writer.
+            with semsegloop.Project.create(folder, [c["name"] for c in classes],
+                                           dims=session.resolve_dims(dims, nSlices, fromFolder),
+                                           colors=[c["color"] for c in classes], preset=preset or None) as created:
+                if volumeNode is not None:
+                    imageId = created.add_image(mrml_bridge.volume_to_image(volumeNode), name=volumeNode.GetName())
+                    self._tagVolume(volumeNode, imageId, folder)
+            self._openProject(folder)
         if volumeNode is not None:
             self.addVolume(volumeNode)
-        return project
+        return self.project
 
-    def _replaceProject(self, project):
-        # The previous project's write lock goes back, so another program may open that folder.
-        previous, self.project = self.project, project
-        if previous is not None and previous is not project:
-            previous.close()
+    def _openProject(self, folder) -> None:
+        from semsegloop.slicer import dependencies as deps
+        self.project = semsegloop.Project.open(folder, read_only=True)
+        engine = _SharedEngine.get()
+        engine.open(folder)
+        if not deps.missing_requirements():
+            engine.start()  # torch imports while the person paints
+
+    def _refreshProject(self) -> None:
+        """Read the project again after the service changed it (a round, an image, classes)."""
+        if self.project is not None:
+            self.project = semsegloop.Project.open(self.project.path, read_only=True)
 
     def _requireProject(self):
         if self.project is None:
@@ -696,16 +785,23 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
         return volume
 
     def addVolume(self, volumeNode) -> str:
-        """Add a scene volume to the project (copying its voxels); returns its image id."""
+        """Add a scene volume to the project (the service copies its voxels); returns its image id.
+        While a round trains this waits only for the copy, not for the round."""
         from semsegloop.slicer import mrml_bridge
         project = self._requireProject()
         imageId = self.imageIdForVolume(volumeNode)
         if imageId is not None:
             return imageId
-        imageId = project.add_image(mrml_bridge.volume_to_image(volumeNode), name=volumeNode.GetName())
+        image = mrml_bridge.volume_to_image(volumeNode)
+        result = _SharedEngine.get().quick("add_image", send=lambda c: c.add_image(image, name=volumeNode.GetName()))
+        self._tagVolume(volumeNode, result["image_id"], project.path)
+        self._refreshProject()
+        return result["image_id"]
+
+    @staticmethod
+    def _tagVolume(volumeNode, imageId, folder) -> None:
         volumeNode.SetAttribute(IMAGE_ID_ATTRIBUTE, imageId)
-        volumeNode.SetAttribute(PROJECT_ATTRIBUTE, str(project.path.resolve()))
-        return imageId
+        volumeNode.SetAttribute(PROJECT_ATTRIBUTE, str(pathlib.Path(folder).resolve()))
 
     def imageIdForVolume(self, volumeNode):
         if volumeNode is None or self.project is None:
@@ -730,8 +826,7 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
             if volume is None:
                 volume = mrml_bridge.image_to_volume_node(slicer.mrmlScene, project.image(imageId),
                                                           project.image_info(imageId)["name"])
-                volume.SetAttribute(IMAGE_ID_ATTRIBUTE, imageId)
-                volume.SetAttribute(PROJECT_ATTRIBUTE, str(project.path.resolve()))
+                self._tagVolume(volume, imageId, project.path)
                 seg = self.labelsSegmentation(volume)
                 mrml_bridge.labels_to_segmentation(project.labels(imageId), seg,
                                                    mrml_bridge.ensure_class_segments(seg, project.classes), volume)
@@ -752,7 +847,8 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
         if self.busyJob() is not None:
             raise semsegloop.TrainingError(_("Wait for the running job to finish before changing classes."))
         if self.project is not None:
-            self.project.set_classes(classes)
+            _SharedEngine.get().quick("set_classes", classes=classes)
+            self._refreshProject()
         volumes = [self.volumeForImage(i) for i in self.project.image_ids] if self.project is not None else []
         for volume in {v for v in volumes + [volumeNode] if v is not None}:
             seg = self.labelsSegmentation(volume)
@@ -786,11 +882,11 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
         mrml_bridge.check_geometry_matches(seg, volumeNode)
         return mrml_bridge.segmentation_to_labels(seg, mrml_bridge.ensure_class_segments(seg, project.classes), volumeNode)
 
-    def snapshotLabels(self) -> dict:
-        """{image id: labels} of every project volume in the scene, read now (main thread)."""
+    def snapshotLabels(self, imageIds=None) -> dict:
+        """{image id: labels} of the project volumes in the scene (all, or ``imageIds``), read now."""
         project = self._requireProject()
         snapshot = {}
-        for imageId in project.image_ids:
+        for imageId in project.image_ids if imageIds is None else imageIds:
             volume = self.volumeForImage(imageId)
             if volume is not None and volume.GetNodeReference(LABELS_REFERENCE_ROLE) is not None:
                 snapshot[imageId] = self.labelsArray(volume)
@@ -799,8 +895,8 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
     # ---------------------------------------------------------------- dependencies
 
     def ensureDependencies(self, askConfirmation=True) -> bool:
-        """Install what is missing after asking; False if the person declined. Main thread only
-        (pip from a worker thread crashes Slicer 5.12). Never installs at import time."""
+        """Install what is missing after asking once; False if the person declined. Main thread
+        only (pip from a worker thread crashes Slicer 5.12). Never installs at import time."""
         from semsegloop.slicer import dependencies as deps
         deps.ensure_compatible()
         missing = deps.missing_requirements()
@@ -819,7 +915,8 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
                 raise semsegloop.TrainingError(_("PyTorch is needed: install the 'PyTorch' extension from the "
                                                  "Extensions Manager, restart Slicer and press Train again.")) from None
             torchSpec = next(req.specifier for req in missing if req.installer == "pytorch")
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
+            # The person agreed above (or asked for no questions): PyTorch Utils must not ask again.
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
                                                              torchVersionRequirement=torchSpec) is None:
                 return False
         rest = [req for req in deps.missing_requirements() if req.installer == "pip"]
@@ -839,74 +936,77 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
             raise semsegloop.TrainingError(_("These packages are still missing after installation: {names}. "
                                              "Restart Slicer and try again.").format(
                 names=", ".join(str(r) for r in stillMissing)))
+        if _SharedEngine.session is not None and _SharedEngine.session.client is not None:
+            _SharedEngine.session.restart()  # a fresh engine imports the new packages
         return True
 
-    # ---------------------------------------------------------------- background jobs
+    # ---------------------------------------------------------------- engine jobs
 
     def busyJob(self):
-        """The running job ("train", "predict", ...) or None."""
-        worker = _SharedJobs.worker
-        return worker.current_job if worker is not None else None
+        """The running job ("train", "predict", ...) or None; a job is over once its final
+        event has been read."""
+        engine = _SharedEngine.session
+        return engine.busy_job() if engine is not None else None
 
     def cancel(self) -> None:
-        if _SharedJobs.worker is not None:
-            _SharedJobs.worker.cancel()
+        """Stop the running job; if the engine has not ended it 2 s later, it is killed (the last
+        saved model and the labels are kept) and the next job starts a new engine."""
+        engine = _SharedEngine.session
+        if engine is None or engine.busy_job() is None:
+            return
+        engine.stop()
+        qt.QTimer.singleShot(int(engine.stop_grace_s * 1000) + 100, engine.tick)
+
+    def addJobObservers(self, onProgress=None, onFinished=None) -> None:
+        """``onProgress(TrainProgress)`` per step, ``onFinished(job, outcome)`` per finished job."""
+        if onProgress is not None:
+            _SharedEngine.progressObservers.append(onProgress)
+        if onFinished is not None:
+            _SharedEngine.finishedObservers.append(onFinished)
+
+    def removeJobObservers(self, onProgress=None, onFinished=None) -> None:
+        for observers, fn in ((_SharedEngine.progressObservers, onProgress), (_SharedEngine.finishedObservers, onFinished)):
+            if fn in observers:
+                observers.remove(fn)
 
     def onSceneClose(self) -> None:
-        """Stop the running job (its results will not be imported into the new scene) and close
-        the project, whose images are scene nodes."""
-        self.cancel()
-        _SharedJobs.sceneGeneration += 1
-        self._plotNodes = None
-        # The project's images live in the scene being closed; reopening brings them back.
-        self._replaceProject(None)
+        """Stop the running job (its results will not be imported into the new scene) and drop
+        the project view, whose images are scene nodes; the engine stays warm."""
+        if _SharedEngine.session is not None:
+            _SharedEngine.session.scene_closed()
+        _SharedEngine.plot = None
+        self.project = None
 
     def shutdown(self) -> None:
-        if _SharedJobs.worker is not None:
-            _SharedJobs.worker.shutdown(timeout=5)
-            _SharedJobs.worker = None
-
-    def _run(self, kind, submit, onFinished, wait, progressCallback=None):
-        submit(_SharedJobs.getWorker())  # raises TrainingError if a job is already running
-        _SharedJobs.completion = (kind, onFinished, _SharedJobs.sceneGeneration)
-        if not wait:
-            return None
-
-        def onEvent(event):
-            if event.kind == "progress":
-                self._addLossPoint(event.payload)
-                if progressCallback is not None:
-                    progressCallback(event.payload)
-
-        final = _SharedJobs.worker.wait(on_event=onEvent)
-        outcome = self._complete(final)
-        if final is not None and final.kind == "error":
-            raise final.payload.exception
-        return outcome
-
-    def _complete(self, event):
-        """Main-thread follow-up of a finished job (e.g. import predictions); returns its outcome."""
-        completion, _SharedJobs.completion = _SharedJobs.completion, None
-        if event is None or completion is None or event.kind == "error":
-            return None
-        kind, onFinished, generation = completion
-        if generation != _SharedJobs.sceneGeneration or onFinished is None:
-            return None  # the scene was closed meanwhile: its nodes are gone
-        return onFinished(event.payload, event.kind == "cancelled")
+        """End the engine process (the application closes)."""
+        if _SharedEngine.session is not None:
+            _SharedEngine.session.close()
 
     def pollEvents(self) -> list:
-        """[(event, outcome)] since the last call, without blocking: progress updates the loss
-        plot; a final event runs the job's main-thread follow-up (outcome: its nodes)."""
-        if _SharedJobs.worker is None:
-            return []
-        out = []
-        for event in _SharedJobs.worker.poll_events():
-            if event.kind == "progress":
-                self._addLossPoint(event.payload)
-                out.append((event, None))
-            else:
-                out.append((event, self._complete(event)))
-        return out
+        """[(job, outcome)] of the jobs finished since the last call. In the application events
+        arrive by themselves; a script without an event loop may call this to receive them."""
+        engine = _SharedEngine.session
+        if engine is not None and engine.client is not None and engine.client.transport is not None:
+            engine.client.poll(0.0)
+        finished, _SharedEngine.finished = _SharedEngine.finished, []
+        return finished
+
+    def waitForCompletion(self, timeout=None):
+        """Block until the running job ends; returns its outcome, raises its error."""
+        return _SharedEngine.session.wait(timeout) if _SharedEngine.session is not None else None
+
+    def _run(self, kind, send, onFinished, wait, progressCallback=None):
+        def onProgress(progress):
+            if kind == "train":
+                self._lossPlot().add(progress)
+            for observer in list(_SharedEngine.progressObservers):
+                observer(progress)
+            if progressCallback is not None:
+                progressCallback(progress)
+
+        engine = _SharedEngine.get()
+        engine.run(kind, send, on_finished=onFinished, on_progress=onProgress)
+        return engine.wait() if wait else None
 
     # ---------------------------------------------------------------- training
 
@@ -914,89 +1014,39 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
               progressCallback=None):
         """Train one round on the labels painted so far in every project volume of the scene.
 
-        The labels are read now (a snapshot): strokes painted while training count from the next
-        round. ``volumeNodes`` are added to the project first. With ``wait=True`` returns the
-        TrainResult (``progressCallback(TrainProgress)`` is called on this thread).
+        The labels are read now (a snapshot, handed to the engine as files): strokes painted while
+        training count from the next round. ``volumeNodes`` are added to the project first. With
+        ``wait=True`` returns the TrainResult (``progressCallback(TrainProgress)`` on this thread).
         """
+        from semsegloop.slicer import engine
         project = self._requireProject()
         if self.busyJob() is not None:
             raise semsegloop.TrainingError(_("SemSegLoop is already running a {job} job; press Stop or wait.").format(
                 job=self.busyJob()))
         for volume in volumeNodes or []:
             self.addVolume(volume)
+        project = self._requireProject()
         snapshot = self.snapshotLabels()
         stored = [project.labels(i) for i in project.labeled_image_ids() if i not in snapshot]
         session.check_ready_to_train(list(snapshot.values()) + stored, project.class_names)
         kwargs = session.training_kwargs(timeBudgetS, steps, device, preset)
-        self._plotStepOffset = self._lastPlottedStep()
-        return self._run("train", lambda worker: worker.submit_train(project, labels=snapshot, **kwargs),
-                         lambda result, cancelled: result, wait, progressCallback)
+        self._lossPlot().start_round()
 
-    def waitForCompletion(self, timeout=None):
-        """Block until the running job ends; returns its outcome (console use)."""
-        if _SharedJobs.worker is None:
-            return None
-
-        def onEvent(event):
-            if event.kind == "progress":
-                self._addLossPoint(event.payload)
-
-        return self._complete(_SharedJobs.worker.wait(timeout=timeout, on_event=onEvent))
+        def finished(job):
+            self._refreshProject()
+            return engine.train_result(job)
+        return self._run("train", lambda client: client.train(labels=snapshot, **kwargs), finished, wait,
+                         progressCallback)
 
     def _lossPlot(self):
-        """(table, chart) for the live loss curve, created once per scene."""
-        if self._plotNodes is not None and self._plotNodes[0].GetScene() is not None:
-            return self._plotNodes
-        scene = slicer.mrmlScene
-        table = scene.AddNewNodeByClass("vtkMRMLTableNode", "SemSegLoop training loss")
-        for name in ("step", "round", "loss", "validation Dice"):
-            column = vtk.vtkDoubleArray()
-            column.SetName(name)
-            table.AddColumn(column)
-        chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", "SemSegLoop training")
-        self._addPlotSeries(chart, table, "loss", (0.9, 0.4, 0.0))
-        chart.SetTitle("SemSegLoop training")
-        chart.SetXAxisTitle("step (all rounds)")
-        chart.SetYAxisTitle("loss / Dice")
-        self._plotNodes = (table, chart)
-        return self._plotNodes
-
-    @staticmethod
-    def _addPlotSeries(chart, table, column, color) -> None:
-        series = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"SemSegLoop {column}")
-        series.SetAndObserveTableNodeID(table.GetID())
-        series.SetXColumnName("step")
-        series.SetYColumnName(column)
-        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
-        series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
-        series.SetColor(*color)
-        chart.AddAndObservePlotSeriesNodeID(series.GetID())
-
-    def _lastPlottedStep(self) -> int:
-        if self._plotNodes is None or self._plotNodes[0].GetScene() is None:
-            return 0
-        table = self._plotNodes[0].GetTable()
-        rows = table.GetNumberOfRows()
-        return int(table.GetValueByName(rows - 1, "step").ToDouble()) if rows else 0
-
-    def _addLossPoint(self, progress) -> None:
-        if progress.phase != "train":
-            return
-        tableNode, chart = self._lossPlot()
-        table = tableNode.GetTable()
-        dice = progress.val_dice
-        if dice and chart.GetNumberOfPlotSeriesNodes() < 2:
-            # Only once Dice exists (reference labels given): an all-NaN series has no bounds.
-            self._addPlotSeries(chart, tableNode, "validation Dice", (0.0, 0.45, 0.7))
-        values = {"step": self._plotStepOffset + progress.step, "round": progress.round, "loss": progress.loss,
-                  "validation Dice": sum(dice.values()) / len(dice) if dice else float("nan")}
-        for name, value in values.items():
-            table.GetColumnByName(name).InsertNextValue(value)
-        table.Modified()
-        tableNode.Modified()
+        """The scene's live loss curve (table + plot series + chart), created once per scene."""
+        from semsegloop.slicer.plots import LossPlot
+        if _SharedEngine.plot is None or not _SharedEngine.plot.alive:
+            _SharedEngine.plot = LossPlot(slicer.mrmlScene)
+        return _SharedEngine.plot
 
     def showLossPlot(self) -> None:
-        _table, chart = self._lossPlot()
+        chart = self._lossPlot().chart
         if slicer.app.layoutManager() is not None:
             slicer.modules.plots.logic().ShowChartInLayout(chart)
 
@@ -1004,7 +1054,7 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
 
     def predict(self, volumeNode, showUncertainty=False, wait=False):
         """Predict one volume with the latest model; its segmentation "SemSegLoop round N" is
-        added to the scene. Returns that node with ``wait=True``."""
+        added to the scene (an earlier one of that name is kept). Returns it with ``wait=True``."""
         outcome = self._predict([volumeNode], showUncertainty, wait)
         return outcome.get(volumeNode.GetID()) if wait and outcome else None
 
@@ -1014,48 +1064,36 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
         return self._predict(None, showUncertainty, wait)
 
     def _predict(self, volumeNodes, showUncertainty, wait):
+        from semsegloop.slicer import engine
         project = self._requireProject()
         if project.round == 0:
             raise semsegloop.CheckpointError(_("There is no model yet: paint at least two classes and press Train."))
         if volumeNodes is not None and None in volumeNodes:
             raise semsegloop.ImageReadError(_("Select the image to predict in Input."))
-        imageIds = None
-        if volumeNodes is not None:
-            imageIds = [self.addVolume(v) for v in volumeNodes]
-            # Strokes win over the network in the prediction, so it must see the current ones.
-            for volume, imageId in zip(volumeNodes, imageIds):
-                if volume.GetNodeReference(LABELS_REFERENCE_ROLE) is not None:
-                    project.set_labels(imageId, self.labelsArray(volume))
-        # Probabilities stay on the worker unless the uncertainty map is wanted (memory: K x image).
-        return self._run("predict", lambda worker: worker.submit_predict(project, imageIds, full=showUncertainty),
-                         lambda results, cancelled: self._showPredictions(results, showUncertainty), wait)
+        imageIds = None if volumeNodes is None else [self.addVolume(v) for v in volumeNodes]
+        # Strokes win over the network in the prediction, so it must see the current ones.
+        labels = self.snapshotLabels(imageIds)
+        client = _SharedEngine.get().client
+        return self._run("predict", lambda c: c.predict(imageIds, uncertainty=showUncertainty, labels=labels),
+                         lambda job: self._showPredictions(engine.read_predictions(client, job), job.result.get("round")),
+                         wait)
 
-    def _showPredictions(self, results, showUncertainty) -> dict:
-        """Add one segmentation (and optionally an uncertainty overlay) per predicted volume."""
-        from semsegloop.slicer import mrml_bridge
+    def _showPredictions(self, results, roundIndex) -> dict:
+        """Add one segmentation (and the uncertainty overlay when computed) per predicted volume."""
+        from semsegloop.slicer import predictions
+        self._refreshProject()
         project = self.project
         shown = {}
         multiple = len(project.image_ids) > 1
-        for imageId, prediction in (results or {}).items():
+        for imageId, (labels, entropy) in (results or {}).items():
             volume = self.volumeForImage(imageId)
             if volume is None:
                 continue
-            name = session.prediction_name(project.round, volume.GetName() if multiple else None)
-            old = slicer.mrmlScene.GetFirstNodeByName(name)
-            if old is not None and old.IsA("vtkMRMLSegmentationNode"):
-                slicer.mrmlScene.RemoveNode(old)
-            labels = prediction.labels if showUncertainty else prediction
-            seg = mrml_bridge.create_prediction_segmentation(slicer.mrmlScene, labels, project.classes, volume, name)
-            seg.GetDisplayNode().SetOpacity2DFill(0.3)
-            shown[volume.GetID()] = seg
-            if showUncertainty:
-                uncertainty = mrml_bridge.array_to_volume(slicer.mrmlScene, prediction.entropy, volume,
-                                                          session.uncertainty_name(project.round, volume.GetName()))
-                display = uncertainty.GetDisplayNode()
-                if slicer.mrmlScene.GetNodeByID("vtkMRMLColorTableNodeRainbow") is not None:
-                    display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeRainbow")
-                display.SetAutoWindowLevel(False)
-                display.SetWindowLevelMinMax(0.0, 1.0)
+            name = session.prediction_name(roundIndex or project.round, volume.GetName() if multiple else None)
+            shown[volume.GetID()] = predictions.import_prediction(slicer.mrmlScene, labels, project.classes, volume, name)
+            if entropy is not None:
+                uncertainty = predictions.import_uncertainty(
+                    slicer.mrmlScene, entropy, volume, session.uncertainty_name(roundIndex or project.round, volume.GetName()))
                 slicer.util.setSliceViewerLayers(foreground=uncertainty, foregroundOpacity=0.4)
         return shown
 
@@ -1078,21 +1116,19 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
 
     def exportPredictions(self, folder, fmt="nrrd", wait=False):
         """Write the latest prediction of every image to ``folder`` (NRRD or TIFF); returns paths."""
-        project = self._requireProject()
+        self._requireProject()
         if session.is_unset_path(folder):
             raise semsegloop.ProjectError(_("Choose an export folder first (Finish section)."))
-        return self._run("export", lambda worker: worker.submit_call(
-            lambda cancel: project.export(folder, fmt=fmt), kind="export"),
-            lambda paths, cancelled: paths, wait)
+        return self._run("export", lambda c: c.request("export", out_dir=str(pathlib.Path(folder).resolve()), format=fmt),
+                         lambda job: [pathlib.Path(p) for p in job.result.get("outputs", [])], wait)
 
     def classFractions(self, folder=None, wait=False):
         """Per image and class pixel counts, fractions and areas/volumes as a table node (and
         class_fractions.csv in ``folder`` if given)."""
-        project = self._requireProject()
-        csvPath = None if session.is_unset_path(folder) else pathlib.Path(folder) / "class_fractions.csv"
-        return self._run("fractions", lambda worker: worker.submit_call(
-            lambda cancel: project.class_fractions(csv_path=csvPath), kind="fractions"),
-            lambda rows, cancelled: self.tableFromRows("SemSegLoop class fractions", rows), wait)
+        self._requireProject()
+        csvPath = None if session.is_unset_path(folder) else str(pathlib.Path(folder).resolve() / "class_fractions.csv")
+        return self._run("fractions", lambda c: c.request("fractions", csv_path=csvPath),
+                         lambda job: self.tableFromRows("SemSegLoop class fractions", job.result.get("rows", [])), wait)
 
     def compareWithReference(self, volumeNode, referenceSegmentation, wait=False):
         """Dice, Jaccard, HD95 and mean surface distance of the latest prediction of a volume
@@ -1117,31 +1153,22 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
         names = {imageId: volumeNode.GetName()}
         # Classes the reference has no segment for are not annotated there: no score for them.
         scored = [project.class_names[k - 1] for k in values]
-        return self._run("evaluate", lambda worker: worker.submit_call(
-            lambda cancel: project.evaluate({imageId: reference}), kind="evaluate"),
-            lambda report, cancelled: self.tableFromRows("SemSegLoop comparison",
-                                                         session.metric_rows(report, names, scored)), wait)
+        return self._run("evaluate", lambda c: c.evaluate({imageId: reference}),
+                         lambda job: self.tableFromRows("SemSegLoop comparison",
+                                                        session.metric_rows(job.result.get("report", {}), names, scored)), wait)
 
     def tableFromRows(self, name, rows):
         """A table node with one column per key (numbers as doubles, the rest as text)."""
-        table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
-        if not rows:
-            return table
-        for key in rows[0]:
-            numeric = all(isinstance(row.get(key), (int, float)) for row in rows)
-            column = vtk.vtkDoubleArray() if numeric else vtk.vtkStringArray()
-            column.SetName(key)
-            for row in rows:
-                column.InsertNextValue(float(row[key]) if numeric else str(row.get(key, "")))
-            table.AddColumn(column)
-        return table
+        from semsegloop.slicer.plots import table_from_rows
+        return table_from_rows(slicer.mrmlScene, name, rows)
 
     def showTable(self, tableNode) -> None:
+        from semsegloop.slicer.plots import select_table
         if slicer.app.layoutManager() is None:
             return
         slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
-        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(tableNode.GetID())
-        slicer.app.applicationLogic().PropagateTableSelection()
+        if select_table(slicer.mrmlScene, tableNode):
+            slicer.app.applicationLogic().PropagateTableSelection()
 
 
 #
@@ -1151,19 +1178,38 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
 
 class SemSegLoopTest(ScriptedLoadableModuleTest):
     """The whole loop on a synthetic image, blocking (``wait=True``): ``--testing`` mode exits as
-    soon as the test code returns, so nothing here may rely on the panel's timer."""
+    soon as the test code returns, so nothing here may rely on the event loop."""
 
     def setUp(self):
+        SemSegLoopLogic().shutdown()  # the previous test's engine owns the folder removed next
         slicer.mrmlScene.Clear()
         import shutil
         self.projectFolder = pathlib.Path(slicer.app.temporaryPath) / "SemSegLoopSelfTest"
         shutil.rmtree(self.projectFolder, ignore_errors=True)
 
+    def tearDown(self):
+        SemSegLoopLogic().shutdown()
+
     def runTest(self):
         self.setUp()
-        self.test_SemSegLoop_full_loop()
-        self.setUp()
         self.test_SemSegLoop_bad_input()
+        self.tearDown()
+        reason = self._skipReason()
+        if reason:  # "Reload and Test" calls this directly: a SkipTest here would be an error
+            logging.warning(reason)
+            return
+        self.setUp()
+        self.test_SemSegLoop_full_loop()
+        self.tearDown()
+
+    @staticmethod
+    def _skipReason():
+        import importlib.util
+        missing = session.missing_training_packages(importlib.util.find_spec)
+        if missing:
+            return (f"SemSegLoop training self-test skipped: {', '.join(missing)} not installed in "
+                    f"Slicer's Python (install the PyTorch extension and SemSegLoop's requirements)")
+        return None
 
     def _twoRegionVolume(self):
         import numpy as np
@@ -1185,6 +1231,9 @@ class SemSegLoopTest(ScriptedLoadableModuleTest):
         return seg, ids
 
     def test_SemSegLoop_full_loop(self):
+        reason = self._skipReason()
+        if reason:  # extension build machines have neither torch nor MONAI
+            self.skipTest(reason)
         import numpy as np
         self.delayDisplay("Full loop: paint, train, predict, correct, train again")
         volume = self._twoRegionVolume()

@@ -23,9 +23,12 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MODULE_DIR="$REPO/SemSegLoop"
 SLICER_DIR="$(cd "$(dirname "$SLICER")" && pwd)"
 
-# PythonSlicer sits next to the Slicer launcher (bin/PythonSlicer in a build tree).
+# PythonSlicer sits next to the Slicer launcher (bin/PythonSlicer in a Linux/Windows package or
+# a build tree); on macOS the launcher is Slicer.app/Contents/MacOS/Slicer and PythonSlicer is in
+# Slicer.app/Contents/bin.
 PYTHON_SLICER=""
-for candidate in "$SLICER_DIR/bin/PythonSlicer" "$SLICER_DIR/PythonSlicer" "$SLICER_DIR/bin/PythonSlicer.exe"; do
+for candidate in "$SLICER_DIR/bin/PythonSlicer" "$SLICER_DIR/PythonSlicer" "$SLICER_DIR/../bin/PythonSlicer" \
+                 "$SLICER_DIR/bin/PythonSlicer.exe" "$SLICER_DIR/PythonSlicer.exe"; do
   if [[ -x "$candidate" ]]; then PYTHON_SLICER="$candidate"; break; fi
 done
 
@@ -54,19 +57,26 @@ PY
     -r "$MODULE_DIR/Resources/requirements.txt"
 fi
 
+# A virtual X display only where Slicer needs X and has none: Linux without DISPLAY (macOS and
+# Windows draw without X; a desktop session already has a display).
 RUNNER=()
-if [[ -z "${DISPLAY:-}" ]]; then
-  if ! command -v xvfb-run >/dev/null; then
-    echo "error: no DISPLAY and xvfb-run is not installed (apt-get install xvfb)" >&2
-    exit 2
-  fi
-  RUNNER=(xvfb-run -a)
-fi
+case "$(uname -s)" in
+  Linux*)
+    if [[ -z "${DISPLAY:-}" && -z "${WAYLAND_DISPLAY:-}" ]]; then
+      if ! command -v xvfb-run >/dev/null; then
+        echo "error: no DISPLAY and xvfb-run is not installed (apt-get install xvfb)" >&2
+        exit 2
+      fi
+      RUNNER=(xvfb-run -a)
+    fi
+    ;;
+esac
 
 # --testing makes Slicer exit as soon as the code returns, with a failure status when
 # runUnitTest raised (a failed or erroring test).
 set +e
-"${RUNNER[@]}" "$SLICER" --no-splash --no-main-window --testing \
+# ${RUNNER[@]+...}: bash 3.2 (macOS) with set -u treats an empty array as unset.
+${RUNNER[@]+"${RUNNER[@]}"} "$SLICER" --no-splash --no-main-window --testing \
   --additional-module-paths "$MODULE_DIR" \
   --python-code "import slicer.testing; slicer.testing.runUnitTest(['$MODULE_DIR'], 'SemSegLoop')"
 status=$?

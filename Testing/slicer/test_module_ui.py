@@ -99,7 +99,7 @@ def test_every_logic_method_the_widget_calls_exists():
     used = _attribute_uses(CLASSES["SemSegLoopWidget"], "logic")
     missing = {name: line for name, line in used.items() if name not in logic_methods}
     assert not missing, f"self.logic.<method> not defined on SemSegLoopLogic: {missing}"
-    assert {"train", "predict", "acceptCorrections", "cancel", "pollEvents"} <= set(used)
+    assert {"train", "predict", "acceptCorrections", "cancel", "addJobObservers"} <= set(used)
 
 
 def test_every_connected_handler_exists_on_the_widget():
@@ -133,7 +133,8 @@ def test_parameter_names_in_the_ui_match_the_parameter_node_and_widget_types():
         if isinstance(node, ast.AnnAssign):
             fields[node.target.id] = ast.unparse(node.annotation)
     compatible = {
-        "qMRMLNodeComboBox": lambda t: t.startswith("vtkMRML"),
+        "qMRMLNodeComboBox": lambda t: t.startswith("vtkMRML") or (
+            t.startswith("Union[") and all(p.strip().startswith("vtkMRML") for p in t[6:-1].split(","))),
         "QCheckBox": lambda t: t == "bool",
         "QSpinBox": lambda t: "int" in t,
         "QComboBox": lambda t: t in ("Dims", "Device", "ExportFormat"),
@@ -190,8 +191,13 @@ def test_extension_cmake_declares_the_extension():
                    "include(${Slicer_USE_FILE})", "add_subdirectory(SemSegLoop)",
                    "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert needle in text, needle
-    for key in ("HOMEPAGE", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
+    for key in ("HOMEPAGE", "CONTRIBUTORS", "DESCRIPTION", "ICONURL"):
         assert re.search(rf'set\(EXTENSION_{key} "[^"]+"\)', text), key
+    # Finding 9: a URL into this repository's main branch must name a file that exists.
+    urls = re.findall(r"https://raw\.githubusercontent\.com/semsegloop/SemSegLoop/main/(\S+?)[\s\"]", text)
+    assert urls, "the icon URL points into the repository"
+    for path in urls:
+        assert (REPO / path).is_file(), f"CMakeLists.txt links {path}, which does not exist"
 
 
 def test_icon_is_a_128_pixel_png():
@@ -210,6 +216,40 @@ def test_selftest_script_prints_usage_without_a_slicer():
     missing = subprocess.run(["bash", str(script), "/nonexistent/Slicer"], capture_output=True,
                              text=True, timeout=30)
     assert missing.returncode != 0 and "/nonexistent/Slicer" in missing.stderr
+
+
+def _fake_tool(path: Path, log: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\necho "$(basename "$0") $*" >> "{log}"\n')
+    path.chmod(0o755)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="runs bash scripts")
+def test_selftest_script_finds_pythonslicer_in_a_macos_bundle_and_uses_xvfb_only_without_a_display(tmp_path):
+    script = REPO / "Testing" / "run_slicer_selftest.sh"
+    log = tmp_path / "calls.txt"
+    contents = tmp_path / "Slicer.app" / "Contents"
+    _fake_tool(contents / "MacOS" / "Slicer", log)
+    _fake_tool(contents / "bin" / "PythonSlicer", log)
+    _fake_tool(tmp_path / "tools" / "xvfb-run", log)
+    # xvfb-run must run the command it is given, like the real one.
+    (tmp_path / "tools" / "xvfb-run").write_text(f'#!/bin/sh\necho "xvfb-run $*" >> "{log}"\nshift\nexec "$@"\n')
+    env = {"PATH": f"{tmp_path / 'tools'}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    with_display = subprocess.run(["bash", str(script), str(contents / "MacOS" / "Slicer")], capture_output=True,
+                                  text=True, timeout=60, env={**env, "DISPLAY": ":0"})
+    assert with_display.returncode == 0, with_display.stderr
+    calls = log.read_text().splitlines()
+    assert any(c.startswith("PythonSlicer -m pip install") for c in calls), calls
+    assert any(c.startswith("Slicer --no-splash --no-main-window --testing") for c in calls), calls
+    assert not any(c.startswith("xvfb-run") for c in calls)
+    log.unlink()
+    headless = subprocess.run(["bash", str(script), str(contents / "MacOS" / "Slicer")], capture_output=True,
+                              text=True, timeout=60, env={**env, "SEMSEGLOOP_SKIP_INSTALL": "1"})
+    assert headless.returncode == 0, headless.stderr
+    calls = log.read_text().splitlines()
+    expect_xvfb = sys.platform.startswith("linux")
+    assert any(c.startswith("xvfb-run -a") for c in calls) == expect_xvfb, calls
+    assert not any(c.startswith("PythonSlicer") for c in calls)
 
 
 # ------------------------------------------------------------------------------ engine loader
@@ -347,29 +387,72 @@ def test_train_button_becomes_stop_while_training():
     assert not session.train_button_state("predict", False).enabled
 
 
-def test_messages_for_finished_jobs():
-    from semsegloop.learn.training import TrainResult
-    from semsegloop.slicer.worker import JobError, WorkerEvent
+def _job(op, state, **result):
+    from semsegloop.service.client import Job
+    job = Job("j1", op, {"id": "j1", "op": op}, state=state)
+    job.final = {"event": state, "id": "j1", **result}
+    return job
 
-    done = TrainResult(round=3, steps=120, seconds=61.2, final_loss=0.2345, cancelled=False,
-                       checkpoint="checkpoints/round_003", device="cpu")
-    assert session.final_message(WorkerEvent("done", done, "train")) == (
+
+def test_messages_for_finished_jobs():
+    done = _job("train", "done", round=3, steps=120, seconds=61.2, final_loss=0.2345, device="cpu")
+    assert session.final_message(done) == (
         "info", "Round 3 trained: 120 steps in 1 min 01 s on cpu, final loss 0.234.", "")
-    stopped = TrainResult(round=2, steps=0, seconds=0.4, final_loss=None, cancelled=True,
-                          checkpoint=None, device="cpu")
-    level, text, _ = session.final_message(WorkerEvent("cancelled", stopped, "train"))
+    level, text, _ = session.final_message(_job("train", "cancelled", round=2, steps=0, seconds=0.4))
     assert level == "warning" and "first step" in text and "unchanged" in text
-    level, text, _ = session.final_message(WorkerEvent("cancelled", None, "train"))
-    assert "before it started" in text
-    try:
-        raise LabelError("only 'cell' is painted")
-    except LabelError as e:
-        user = JobError(e, "Traceback ...")
-    assert session.final_message(WorkerEvent("error", user, "train")) == ("error", "only 'cell' is painted", "")
-    bug = JobError(ZeroDivisionError("division by zero"), "Traceback: ZeroDivisionError")
-    level, text, details = session.final_message(WorkerEvent("error", bug, "predict"))
+    assert "before it started" in session.final_message(_job("train", "cancelled"))[1]
+    killed = session.final_message(_job("train", "cancelled", killed=True, message="..."))[1]
+    assert "ending the engine" in killed and "labels are kept" in killed
+    user = _job("train", "error", message="only 'cell' is painted", user_error=True, traceback="T")
+    assert session.final_message(user) == ("error", "only 'cell' is painted", "")
+    bug = _job("predict", "error", message="ZeroDivisionError: division by zero", user_error=False,
+               traceback="Traceback: ZeroDivisionError")
+    level, text, details = session.final_message(bug)
     assert text.startswith("Predict failed unexpectedly") and "ZeroDivisionError" in details
-    assert session.final_message(WorkerEvent("done", {"a": 1, "b": 2}, "predict"))[1] == "Predicted 2 image(s)."
+    crash = _job("train", "error", message="the SemSegLoop engine process ended unexpectedly",
+                 user_error=False, crashed=True)
+    assert session.final_message(crash)[1].startswith("The SemSegLoop engine stopped")
+    assert session.final_message(_job("predict", "done", outputs={"a": "x", "b": "y"}))[1] == "Predicted 2 image(s)."
+
+
+def test_prediction_follows_training_only_when_a_model_came_out_of_it():
+    assert session.predict_after_training(_job("train", "done", steps=5), True, True)
+    assert session.predict_after_training(_job("train", "cancelled", steps=5), True, True)
+    assert not session.predict_after_training(_job("train", "cancelled", steps=0), True, True)
+    assert not session.predict_after_training(_job("train", "cancelled", killed=True), True, True)
+    assert not session.predict_after_training(_job("train", "error", message="x"), True, True)
+    assert not session.predict_after_training(_job("train", "done", steps=5), False, True)
+    assert not session.predict_after_training(_job("train", "done", steps=5), True, False)
+
+
+def test_the_training_self_test_is_skipped_with_a_reason_without_torch_or_monai():
+    assert session.missing_training_packages(lambda name: None) == ["torch", "monai"]
+    assert session.missing_training_packages(lambda name: object() if name == "torch" else None) == ["monai"]
+    full_loop = next(n for n in ast.walk(CLASSES["SemSegLoopTest"])
+                     if isinstance(n, ast.FunctionDef) and n.name == "test_SemSegLoop_full_loop")
+    assert "self.skipTest(reason)" in ast.get_source_segment(SOURCE, full_loop)
+
+
+def _method(cls: str, name: str) -> str:
+    fn = next(n for n in CLASSES[cls].body if isinstance(n, ast.FunctionDef) and n.name == name)
+    return ast.get_source_segment(SOURCE, fn)
+
+
+def test_findings_read_against_slicer_are_fixed_in_the_module():
+    # 2: RGB (vector) volumes stay selectable; the default image is never a label map.
+    field = next(n for n in CLASSES["SemSegLoopParameterNode"].body
+                 if isinstance(n, ast.AnnAssign) and n.target.id == "inputVolume")
+    assert ast.unparse(field.annotation) == "Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]"
+    assert "GetFirstNodeByClass" not in _method("SemSegLoopWidget", "initializeParameterNode")
+    # 5: leaving the module does not stop training.
+    assert "cancel" not in _method("SemSegLoopWidget", "exit")
+    # 7: PyTorch Utils does not ask a second time.
+    assert "installTorch(askConfirmation=False" in _method("SemSegLoopLogic", "ensureDependencies")
+    # 9: an imported scene re-selects the editor node, as the core Segment Editor does.
+    assert "EndImportEvent, self.onSceneEndImport" in _method("SemSegLoopWidget", "setup")
+    # No Python thread and no polling timer in the module: the engine is a child process.
+    assert "threading" not in SOURCE and "QTimer()" not in SOURCE
+    assert 'qt.QProcess()' in SOURCE and "readyReadStandardOutput()" in SOURCE
 
 
 def test_prediction_names_and_reference_remapping():

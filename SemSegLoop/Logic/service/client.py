@@ -94,7 +94,7 @@ def kill_process_tree(pid: int) -> None:
 
 def describe_exit(code: int | None) -> str:
     if code is None:
-        return "exit status unknown"
+        return "it crashed or was killed"
     if code < 0:
         try:
             return f"killed by signal {signal.Signals(-code).name}"
@@ -262,9 +262,10 @@ class ServiceClient:
         while self.transport is not None and time.monotonic() < deadline:
             self.transport.pump(0.1)
         if self.transport is not None:
-            self.transport.kill()
-            self.transport.pump(1.0)
-            self._lost(None)
+            transport = self.transport
+            transport.kill()
+            if self.transport is transport:
+                self._lost(None)
 
     # ------------------------------------------------------------------ requests
     def _new_job(self, op: str, fields: dict) -> Job:
@@ -373,12 +374,15 @@ class ServiceClient:
         log.warning("the engine did not stop within %.1f s; ending its process", self.stop_grace_s)
         self._expected_exit = True
         transport = self.transport
-        transport.kill()
+        # The jobs end first: a transport that reports the exit while killing (Qt does) must
+        # find them over, not crashed.
         for job in late:
             self._finish(job, pr.event(pr.CANCELLED, job.id, killed=True, message=(
                 f"the engine did not stop within {self.stop_grace_s:.0f} s and was ended; the last "
                 f"saved model and every stroke are kept, the next request starts a new engine")))
-        self._lost(None)
+        transport.kill()
+        if self.transport is transport:
+            self._lost(None)
 
     def next_stop_deadline(self) -> float | None:
         deadlines = [j.stop_deadline for j in self.running_jobs() if j.stop_deadline is not None]

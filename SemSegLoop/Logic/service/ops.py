@@ -171,7 +171,7 @@ def op_train(ctx, request):
     def progress(p):
         fields = {"round": p.round, "step": p.step, "total_steps": p.total_steps,
                   "loss": p.loss, "elapsed_s": p.elapsed_s, "eta_s": p.eta_s, "phase": p.phase,
-                  "device": p.device}
+                  "throughput": p.throughput, "device": p.device}
         if p.val_dice:
             fields["val_dice"] = p.val_dice
         # The round's own last report (phase done/cancelled) is the final event's job.

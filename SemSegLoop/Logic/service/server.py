@@ -21,7 +21,7 @@ from typing import IO
 
 from semsegloop.errors import SemSegLoopError
 from semsegloop.service import protocol as pr
-from semsegloop.service.ops import CONTROL, EDIT, JOB, OPS, Cancelled
+from semsegloop.service.ops import CONTROL, JOB, OPS, Cancelled
 
 log = logging.getLogger("semsegloop.service")
 
@@ -86,7 +86,7 @@ class _Lane:
 class Service:
     """The request loop for one open project; ``run(stdin)`` returns the exit status."""
 
-    def __init__(self, project, events: IO[str], ops: dict | None = None, device: str = "cpu"):
+    def __init__(self, project, events: IO[str], ops: dict | None = None, device: str | None = "cpu"):
         self.project = project
         self.device = device
         self.ops = load_ops() if ops is None else ops
@@ -175,6 +175,11 @@ class Service:
             fields = op.handler(ctx, ctx.request) or {}
         except Cancelled as c:
             kind, fields = pr.CANCELLED, c.fields
+        except ImportError as e:   # torch or MONAI missing in the engine's Python
+            kind, fields = pr.ERROR, pr.error_fields(SemSegLoopError(
+                f"'{op.name}' needs a Python package that is not installed in the engine's Python "
+                f"({sys.executable}): {e}; install SemSegLoop's requirements there"),
+                traceback.format_exc())
         except Exception as e:  # the service survives any job failure and reports it
             tb = traceback.format_exc()
             if not isinstance(e, SemSegLoopError):
@@ -271,10 +276,19 @@ def serve(project_dir, device: str = "auto", new_process_group: bool = False,
         log.info("service for '%s' ends", project.path)
 
 
-def _warm_up(device: str) -> str:
-    """Import torch and the training code before `ready` and choose the device it reports."""
+def _warm_up(device: str) -> str | None:
+    """Import torch and the training code before `ready` and choose the device it reports.
+
+    Without torch the service still starts (device null), so a project can be opened and edited
+    before the packages are installed; jobs that need torch then fail with a message saying so.
+    """
     from semsegloop.learn import training
 
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
+        log.warning("torch cannot be imported (%s): training and prediction are unavailable", e)
+        return None
     return str(training.select_device(device))
 
 

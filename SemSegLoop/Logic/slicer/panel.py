@@ -231,7 +231,8 @@ class ButtonState:
 
 
 def train_button_state(busy_job: str | None, stopping: bool) -> ButtonState:
-    """Train becomes Stop while training; disabled while another job runs or a stop is pending."""
+    """Train becomes Stop while training; disabled while another job runs or a stop is pending
+    (at most 2 s: then the engine is ended)."""
     if busy_job is None:
         return ButtonState("Train", True, "Train the network on the painted labels of all images "
                                           "of the project (warm start from the last round)")
@@ -258,41 +259,58 @@ def labels_name(volume_name: str) -> str:
     return f"{volume_name} labels"
 
 
+def predict_after_training(job, auto_predict: bool, has_image: bool) -> bool:
+    """Whether a finished train job is followed by predicting the current image: it trained at
+    least one step (done, or stopped after some steps) and the person asked for it."""
+    steps = (job.result or {}).get("steps") or 0
+    return bool(auto_predict and has_image and job.state in ("done", "cancelled") and steps > 0
+                and not job.result.get("killed"))
+
+
+def missing_training_packages(find_spec) -> list[str]:
+    """The packages training needs that ``find_spec`` (importlib.util.find_spec) cannot find."""
+    return [name for name in ("torch", "monai") if find_spec(name) is None]
+
+
 # ------------------------------------------------------------------------------------ results
 
-def final_message(event) -> tuple[str, str, str]:
-    """(level, text, details) for a worker's final event; level is "info", "warning" or "error".
-
-    ``event`` has .kind ("done", "cancelled", "error"), .job and .payload (see semsegloop.slicer.worker).
-    """
-    kind, job, payload = event.kind, event.job, event.payload
+def final_message(job) -> tuple[str, str, str]:
+    """(level, text, details) for a job of the engine service that has its final event; level is
+    "info", "warning" or "error". ``job`` is a semsegloop.service.client.Job (.op, .state,
+    .result: the final event's fields)."""
+    kind, op, r = job.state, job.op, job.result
     if kind == "error":
-        text = payload.message
-        if payload.user_error:
+        text = r.get("message") or "the engine reported an error"
+        if r.get("user_error"):
             return "error", text, ""
-        return "error", f"{job.capitalize()} failed unexpectedly: {text}", payload.traceback
-    if job == "train":
-        if payload is None:
-            return "warning", "Training was stopped before it started; labels and model unchanged.", ""
+        if r.get("crashed"):
+            return "error", f"The SemSegLoop engine stopped: {text}", r.get("traceback", "")
+        return "error", f"{op.capitalize()} failed unexpectedly: {text}", r.get("traceback", "")
+    if op == "train":
+        steps = r.get("steps") or 0
         if kind == "cancelled":
-            if payload.steps:
-                steps = f"{payload.steps} step{'s' if payload.steps != 1 else ''}"
-                return "warning", (f"Training stopped after {steps} "
-                                   f"({format_duration(payload.seconds)}); the model of round "
-                                   f"{payload.round} is kept."), ""
+            if r.get("killed"):
+                return "warning", ("Training was stopped by ending the engine (it did not stop within "
+                                   "2 s); the last saved model and your labels are kept."), ""
+            if "steps" not in r:
+                return "warning", "Training was stopped before it started; labels and model unchanged.", ""
+            if steps:
+                return "warning", (f"Training stopped after {steps} step{'s' if steps != 1 else ''} "
+                                   f"({format_duration(r.get('seconds'))}); the model of round "
+                                   f"{r.get('round')} is kept."), ""
             return "warning", ("Training stopped during its first step; labels and the previous "
                                "model are unchanged."), ""
-        loss = "" if payload.final_loss is None else f", final loss {payload.final_loss:.3f}"
-        return "info", (f"Round {payload.round} trained: {payload.steps} steps in "
-                        f"{format_duration(payload.seconds)} on {payload.device}{loss}."), ""
-    if job == "predict":
-        n = len(payload or {})
+        loss = "" if r.get("final_loss") is None else f", final loss {r['final_loss']:.3f}"
+        return "info", (f"Round {r.get('round')} trained: {steps} steps in "
+                        f"{format_duration(r.get('seconds'))} on {r.get('device')}{loss}."), ""
+    if op == "predict":
+        n = len(r.get("outputs") or {})
         if kind == "cancelled":
             return "warning", f"Prediction stopped; {n} image(s) were predicted.", ""
         return "info", f"Predicted {n} image(s).", ""
     if kind == "cancelled":
-        return "warning", f"{job.capitalize()} was stopped.", ""
-    return "info", f"{job.capitalize()} finished.", ""
+        return "warning", f"{op.capitalize()} was stopped.", ""
+    return "info", f"{op.capitalize()} finished.", ""
 
 
 def metric_rows(report: dict, image_names: dict[str, str] | None = None,
