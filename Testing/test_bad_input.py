@@ -252,25 +252,33 @@ def test_checkpoint_with_a_flipped_byte_is_detected(tmp_path, tiny_models):
 
 # ------------------------------------------------------------------------------ cancel mid-step
 
-def test_cancel_in_the_middle_of_a_step_keeps_the_weights_of_the_last_whole_step(tmp_path, tiny_models):
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_cancel_in_the_middle_of_a_step_keeps_the_weights_of_the_last_whole_step(tmp_path, tiny_models,
+                                                                                 where):
+    import torch
+
     # Reference: exactly one whole step.
     ref_proj, _, _ = make_square_project(tmp_path / "one_step")
     # (No teacher here: its own cancel checks are tested in test_training.py.)
     ref_proj.train(steps=1, device="cpu", seed=3, pseudo_labels=False)
     ref_sha = json.loads((tmp_path / "one_step" / "checkpoints" / "round_001.json").read_text())["sha256"]
 
-    # The engine asks "cancelled?" before each step and again after the forward pass (the long
-    # half on CPU). Saying yes at the 4th question stops step 2 after its forward pass, before
-    # its weight update.
+    # The engine asks "cancelled?" before each step, before every layer of the forward pass and
+    # as each gradient arrives in the backward pass (where autograd has switched grad mode
+    # off). Saying yes inside step 2's forward or backward pass stops it before its update.
     proj, image_id, _ = make_square_project(tmp_path / "p")
-    asked = []
+    finished, asked = [], []
 
     def cancel():
-        asked.append(1)
-        return len(asked) >= 4
+        if not finished:
+            return False
+        asked.append(torch.is_grad_enabled())
+        return len(asked) == 5 if where == "forward" else not asked[-1]
 
-    res = proj.train(steps=5, device="cpu", seed=3, cancel=cancel, pseudo_labels=False)
+    res = proj.train(steps=5, device="cpu", seed=3, cancel=cancel, pseudo_labels=False,
+                     progress=lambda p: finished.append(p.step) if p.phase == "train" else None)
     assert res.cancelled and res.steps == 1
+    assert all(asked[:-1]) and asked[-1] == (where == "forward"), "stopped in the wrong pass"
     record = json.loads((tmp_path / "p" / "checkpoints" / "round_001.json").read_text())
     assert record["sha256"] == ref_sha, "the half-done step must not leak into the saved model"
     assert len([r for r in proj.training_log() if r.get("event") == "step"]) == 1

@@ -461,6 +461,7 @@ class Project:
         from semsegloop.data.normalization import normalize
 
         with self._train_lock, self._lock:
+            t_start = _time.perf_counter()  # waiting for another round is not this one's budget
             ids = image_ids or self.labeled_image_ids()
             data = [(i, self.labels(i)) for i in ids]
             data = [(i, lab) for i, lab in data if lab.any()]

@@ -15,6 +15,30 @@ _TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
 _TEMP_NAME = re.compile(r"\.tmp[a-z0-9_]{8}(\.|$)")
 
 
+# Test hook: with SEMSEGLOOP_TEST_KILL_AT=N set, the process kills itself (SIGKILL, no clean-up)
+# at the N-th write point it passes, so a test can crash a real process between any two steps of
+# a save; SEMSEGLOOP_TEST_WRITE_TRACE=FILE appends each point's name to FILE (to count them).
+KILL_AT_ENV = "SEMSEGLOOP_TEST_KILL_AT"
+TRACE_ENV = "SEMSEGLOOP_TEST_WRITE_TRACE"
+_points_passed = 0
+
+
+def write_point(what: str) -> None:
+    """Mark a moment between two steps of a write (a crash there must leave a consistent
+    project); a no-op unless the test hook above is set."""
+    global _points_passed
+    kill_at, trace = os.environ.get(KILL_AT_ENV), os.environ.get(TRACE_ENV)
+    if not kill_at and not trace:
+        return
+    _points_passed += 1
+    if trace:
+        with open(trace, "a", encoding="utf-8") as f:
+            f.write(f"{_points_passed}\t{what}\n")
+    if kill_at and _points_passed == int(kill_at):
+        import signal
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
 def make_temp(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:
     """Create a new empty file ``<prefix><8 chars><suffix>`` in ``directory``; (fd, path).
 
@@ -70,7 +94,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_file(tmp)
+        write_point(f"written {tmp.name}")
         os.replace(tmp, path)
+        write_point(f"renamed to {path.name}")
         _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):

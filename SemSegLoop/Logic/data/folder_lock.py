@@ -90,7 +90,8 @@ def acquire(folder: str | os.PathLike, what: str = "project") -> FolderLock:
             except OSError as e:
                 raise ProjectError(f"cannot write in {what} folder '{folder}' (creating "
                                    f"{LOCK_FILE}: {e.strerror or e}); open it with "
-                                   f"read_only=True to predict or evaluate without writing") from None
+                                   f"read_only=True to predict or evaluate without "
+                                   f"writing") from None
             lock = FolderLock(lock_path, record, key)
             _held[key] = lock
             return lock

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from semsegloop.data.atomic import _fsync_dir, make_temp
+from semsegloop.data.atomic import _fsync_dir, make_temp, write_point
 from semsegloop.errors import CheckpointError
 
 FORMAT = "semsegloop-checkpoint"
@@ -84,9 +84,11 @@ def save_checkpoint(directory: str | os.PathLike, name: str, state_dict: Mapping
         # Weights before JSON: until the new JSON lands, the current pair fails its checksum
         # (or is missing), so a crash here falls back to .prev rather than a mismatched pair.
         moves += [(tmp_weights, weights), (tmp_meta, meta_path)]
+        write_point(f"written {tmp_weights.name} and {tmp_meta.name}")
         for src, dst in moves:
             os.replace(src, dst)
             done.append((src, dst))
+            write_point(f"renamed {src.name} to {dst.name}")
         _fsync_dir(directory)
     except BaseException as exc:
         for src, dst in reversed(done):

@@ -3,6 +3,7 @@ with progress callbacks, a cancel check every step, and the device chosen for th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -93,6 +94,37 @@ def cancel_checker(cancel: Any) -> Callable[[], bool]:
     raise TrainingError("cancel must be a threading.Event, a callable returning bool, or None")
 
 
+class StepCancelled(InterruptedError):
+    """Raised inside a forward or backward pass when the cancel is set (see cancel_inside)."""
+
+
+@contextlib.contextmanager
+def cancel_inside(model, is_cancelled: Callable[[], bool] | None, backward: bool = True):
+    """Check ``is_cancelled`` before every layer of ``model``'s forward pass and, with
+    ``backward``, as each parameter's gradient arrives, raising StepCancelled: a Stop lands
+    within one layer rather than one whole step (a first 3D step takes seconds on a CPU).
+    An interrupted pass changes nothing: weights move only in the optimiser step."""
+    if is_cancelled is None:
+        yield
+        return
+
+    def check(*_):
+        if is_cancelled():
+            raise StepCancelled("cancelled")
+
+    def on_grad(grad):
+        check()
+        return None
+    handles = [m.register_forward_pre_hook(check) for m in model.modules()]
+    if backward:
+        handles += [p.register_hook(on_grad) for p in model.parameters() if p.requires_grad]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_size: int,
                  learning_rate: float, steps: int | None = None,
                  time_budget_s: float | None = None,
@@ -126,57 +158,65 @@ def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_siz
     last_val_t = t0
     step, last_loss, rate, val = 0, None, None, None
     cancelled = False
-    while True:
-        elapsed = time.perf_counter() - t0
-        frac = max(step / steps if steps else 0.0,
-                   elapsed / time_budget_s if time_budget_s else 0.0)
-        if frac >= 1.0:
-            break
-        if is_cancelled():
+    with cancel_inside(model, is_cancelled):
+        try:
+            while True:
+                elapsed = time.perf_counter() - t0
+                frac = max(step / steps if steps else 0.0,
+                           elapsed / time_budget_s if time_budget_s else 0.0)
+                if frac >= 1.0:
+                    break
+                if is_cancelled():
+                    cancelled = True
+                    break
+                # Short warm-up, then cosine decay over the budget: the last steps refine
+                # boundaries.
+                lr = (learning_rate * min(1.0, (step + 1) / 10)
+                      * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))))
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                ts = time.perf_counter()
+                xb, yb = sampler.sample(batch_size)
+                x = torch.from_numpy(xb).to(device, non_blocking=True)
+                y = torch.from_numpy(yb).to(device, non_blocking=True)
+                with torch.autocast(device_type=device.type, enabled=amp):
+                    logits = model(x)
+                loss, parts = loss_fn(logits, y, x, step)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                step += 1
+                last_loss = float(loss.detach())
+                if not math.isfinite(last_loss):
+                    raise TrainingError(f"training diverged at step {step} (loss {last_loss}); "
+                                        f"check the image normalisation or lower the learning "
+                                        f"rate")
+                dt = time.perf_counter() - ts
+                inst = batch_size / max(dt, 1e-6)
+                rate = inst if rate is None else 0.8 * rate + 0.2 * inst
+                now = time.perf_counter()
+                elapsed = now - t0
+                if validate is not None and now - last_val_t >= validate_every_s:
+                    val = validate()
+                    model.train()
+                    last_val_t = time.perf_counter()
+                eta = _eta(step, steps, elapsed, time_budget_s)
+                rec = TrainProgress(round=round_index, step=step, total_steps=steps,
+                                    elapsed_s=elapsed, eta_s=eta, loss=last_loss,
+                                    throughput=rate, val_dice=val, loss_parts=parts,
+                                    device=str(device))
+                if log is not None:
+                    log({"event": "step", "round": round_index, "step": step,
+                         "elapsed_s": round(elapsed, 3), "loss": last_loss, "lr": lr,
+                         **{f"loss_{k}": v for k, v in parts.items()},
+                         **({"val_dice": val} if val else {})})
+                if progress is not None:
+                    progress(rec)
+        except StepCancelled:
+            # Inside a forward/backward pass or a validation: the optimiser has not stepped,
+            # so the weights, step count and loss are those of the last completed step.
             cancelled = True
-            break
-        # Short warm-up, then cosine decay over the budget: the last steps refine boundaries.
-        lr = learning_rate * min(1.0, (step + 1) / 10) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        ts = time.perf_counter()
-        xb, yb = sampler.sample(batch_size)
-        x = torch.from_numpy(xb).to(device, non_blocking=True)
-        y = torch.from_numpy(yb).to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, enabled=amp):
-            logits = model(x)
-        loss, parts = loss_fn(logits, y, x, step)
-        if is_cancelled():  # the forward pass is the long half of a step on CPU
-            cancelled = True
-            break
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        step += 1
-        last_loss = float(loss.detach())
-        if not math.isfinite(last_loss):
-            raise TrainingError(f"training diverged at step {step} (loss {last_loss}); "
-                                f"check the image normalisation or lower the learning rate")
-        dt = time.perf_counter() - ts
-        inst = batch_size / max(dt, 1e-6)
-        rate = inst if rate is None else 0.8 * rate + 0.2 * inst
-        now = time.perf_counter()
-        elapsed = now - t0
-        if validate is not None and now - last_val_t >= validate_every_s:
-            val = validate()
-            model.train()
-            last_val_t = time.perf_counter()
-        eta = _eta(step, steps, elapsed, time_budget_s)
-        rec = TrainProgress(round=round_index, step=step, total_steps=steps, elapsed_s=elapsed,
-                            eta_s=eta, loss=last_loss, throughput=rate, val_dice=val,
-                            loss_parts=parts, device=str(device))
-        if log is not None:
-            log({"event": "step", "round": round_index, "step": step, "elapsed_s": round(elapsed, 3),
-                 "loss": last_loss, "lr": lr, **{f"loss_{k}": v for k, v in parts.items()},
-                 **({"val_dice": val} if val else {})})
-        if progress is not None:
-            progress(rec)
     seconds = time.perf_counter() - t0
     if validate is not None and step > 0 and not cancelled:
         val = validate()

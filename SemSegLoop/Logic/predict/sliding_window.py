@@ -108,7 +108,7 @@ def _predict_region_slabs(model, vol: np.ndarray, out: np.ndarray, plan, device,
         # kept get the same blend of the same windows as without slabs.
         touching = [p for p in starts if p < stop and p + roi[0] > start]
         a, b = min(touching), min(n0, max(touching) + roi[0])
-        p = _sliding_window(model, vol[a:b], roi, plan, device, overlap)
+        p = _sliding_window(model, vol[a:b], roi, plan, device, overlap, cancel)
         out[:, start:stop] = p[:, start - a:stop - a]
         start = stop
 
@@ -122,13 +122,19 @@ def _window_starts(n: int, roi: int, overlap: float) -> list[int]:
     return sorted({min(i * step, n - roi) for i in range(count)})
 
 
-def _sliding_window(model, vol: np.ndarray, roi, plan, device, overlap) -> np.ndarray:
+def _sliding_window(model, vol: np.ndarray, roi, plan, device, overlap,
+                    cancel: Callable[[], bool] | None = None) -> np.ndarray:
     import torch
     from monai.inferers import sliding_window_inference
 
+    from semsegloop.learn.training import cancel_inside
+
     x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol, -1, 0)))[None].to(device)
     amp = device.type == "cuda"
-    with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=amp):
+    # The cancel is checked before every layer of every window, not only between slabs: one
+    # slab of a large volume is many windows.
+    with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=amp), \
+            cancel_inside(model, cancel, backward=False):
         logits = sliding_window_inference(x, roi_size=roi, sw_batch_size=2, predictor=model,
                                           overlap=overlap, mode="gaussian")
         prob = torch.softmax(logits.float(), dim=1)[0]
