@@ -14,11 +14,11 @@ fi
 want="$(sha256sum pyproject.toml | cut -d' ' -f1) ${SEMSEGLOOP_TORCH:-torch==2.13.0}"
 stamp=.venv/.semsegloop-installed
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || \
-   ! python -c "import semsegloop.project, torch, monai, sklearn, skimage, slicer" >/dev/null 2>&1; then
+   ! python -c "import semsegloop.project, torch, monai, sklearn, skimage, slicer, trame_slicer" >/dev/null 2>&1; then
   python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   python -m pip install -q "${SEMSEGLOOP_TORCH:-torch==2.13.0}"
   log=$(mktemp)
-  if ! python -m pip install -q -e ".[test,bench]" >"$log" 2>&1; then
+  if ! python -m pip install -q -e ".[test,bench,web]" >"$log" 2>&1; then
     cat "$log"; rm -f "$log"; exit 1
   fi
   rm -f "$log"   # setuptools' deprecation chatter on success is not worth reading

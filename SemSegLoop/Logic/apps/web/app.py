@@ -1,0 +1,434 @@
+"""The trame app: Slicer slice views and Segment Editor effects (trame-slicer) beside the
+SemSegLoop panel; decisions live in panel.py, MRML in scene.py, compute in the engine service.
+
+Everything here runs on trame's asyncio loop, the only thread that touches MRML/VTK; the engine
+service is polled from that loop every 0.2 s and never runs on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from semsegloop.apps.web import panel
+from semsegloop.apps.web.rebind import rebind_effect_pipelines
+from semsegloop.apps.web.scene import ImageScene
+from semsegloop.errors import SemSegLoopError
+
+log = logging.getLogger("semsegloop.web")
+
+POLL_S = 0.2
+SAVE_DELAY_S = 0.05   # strokes are saved this long after the last change (one save per stroke)
+
+
+class WebApp:
+    """One trame server showing one project; ``engine`` owns all compute (engine.py)."""
+
+    def __init__(self, server, project_dir: Path | None, engine_factory, sample_dir: Path | None = None):
+        from trame_slicer.core import LayoutManager, SlicerApp
+        from trame_slicer.rca_view import register_rca_factories
+        from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
+
+        self.server = server
+        self.state, self.ctrl = server.state, server.controller
+        self.slicer = SlicerApp()
+        register_rca_factories(self.slicer.view_manager, server)
+        self.layouts = LayoutManager(self.slicer.scene, self.slicer.view_manager, server)
+        axial = ViewLayoutDefinition.axial_view()
+        self.layouts.register_layout_dict({
+            # A 2D image shows one view; a volume three slice views (no 3D view: it would be
+            # rendered on the CPU after every stroke).
+            "2D": Layout(LayoutDirection.Vertical, [axial]),
+            "3D": Layout(LayoutDirection.Horizontal, [
+                axial, Layout(LayoutDirection.Vertical, [ViewLayoutDefinition.coronal_view(),
+                                                          ViewLayoutDefinition.sagittal_view()])]),
+        })
+        self.editor = self.slicer.segmentation_editor
+        self.engine_factory = engine_factory
+        self.engine = None
+        self.project = None
+        self.image_scene: ImageScene | None = None
+        self.model = panel.PanelModel()
+        self._save_handle = None
+        self._last_change = 0.0
+        self.editor.segmentation_modified.connect(self._on_segmentation_modified)
+        self._init_state(project_dir, sample_dir)
+        self._build_ui()
+        self.ctrl.on_server_ready.add(self._on_ready)
+        if project_dir is not None and (Path(project_dir) / "project.json").exists():
+            self.open_project(project_dir)
+        else:
+            self._set_layout("2D")
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, project_dir, sample_dir):
+        s = self.state
+        s.trame__title = "SemSegLoop"
+        s.project_path = str(project_dir or "")
+        s.new_image_path = ""
+        s.new_classes = "foreground,background"
+        s.new_dims = 2
+        s.images = []
+        s.image_id = None
+        s.classes = []
+        s.active_class = 1
+        s.new_class_name = ""
+        s.effect = "none"
+        s.brush_diameter = 5.0
+        s.mask_on = False
+        s.mask_min = 0.0
+        s.mask_max = 255.0
+        s.smoothing_kernel_mm = 3.0
+        s.edit_target = "labels"
+        s.time_budget_s = 30.0
+        s.predict_after_train = True
+        s.show_uncertainty = True
+        s.export_dir = ""
+        s.fractions_rows = []
+        s.fractions_csv = ""
+        s.prediction_shown = ""
+        s.labels_saved = 0
+        s.has_refine = False
+        s.has_suggest = False
+        s.update(self.model.view())
+
+    def _push(self):
+        """Copy the panel model into trame state (call inside ``with self.state``)."""
+        self.state.update(self.model.view())
+
+    # ------------------------------------------------------------------ project / image
+    def open_project(self, path) -> None:
+        from semsegloop.project import Project
+
+        self.project = Project.open(path, read_only=True)   # the service is the writer
+        self.state.project_path = str(self.project.path)
+        self.state.has_refine = hasattr(self.project, "refine")
+        self.state.has_suggest = hasattr(self.project, "suggest")
+        self.state.export_dir = str(self.project.path / "results")
+        self._refresh_classes()
+        self._refresh_images()
+        self.model.round = self.project.round
+        if self.engine is not None:
+            self.engine.close()
+        self.engine = self.engine_factory(self.project.path)
+        self._set_layout("2D" if self.project.dims == 2 else "3D")
+        ids = self.project.image_ids
+        if ids:
+            self.select_image(ids[0])
+        self._push()
+
+    def create_project(self) -> None:
+        """Make a project from an image file/folder typed on the page (no project given)."""
+        from semsegloop.project import Project
+
+        target = Path(self.state.project_path or "").expanduser()
+        source = Path(self.state.new_image_path or "").expanduser()
+        names = [n.strip() for n in str(self.state.new_classes).split(",") if n.strip()]
+        if not str(self.state.project_path).strip():
+            raise panel.WebInputError("type a project folder first")
+        if not source.exists():
+            raise panel.WebInputError(f"image or folder '{source}' does not exist")
+        with Project.create(target, names, dims=int(self.state.new_dims)) as project:
+            project.add_image(source)
+        self.open_project(target)
+
+    def _refresh_classes(self):
+        self.state.classes = panel.classes_for_page(self.project.classes)
+
+    def _refresh_images(self):
+        ranking = None
+        if hasattr(self.project, "suggest"):
+            try:
+                ranking = self.project.suggest()
+            except SemSegLoopError as e:  # no model yet: no ranking, say why
+                log.info("no suggestion ranking: %s", e)
+        self.state.images = panel.images_for_page(self.project, ranking)
+
+    def select_image(self, image_id) -> None:
+        self._flush_labels()
+        if self.image_scene is not None:
+            self.editor.deactivate_effect()
+            self.image_scene.remove()
+        image = self.project.image(image_id)
+        self.image_scene = ImageScene(self.slicer.scene, image, self.project.classes,
+                                      self.project.labels(image_id))
+        self.state.image_id = image_id
+        self.slicer.display_manager.show_volume_in_slice_background(self.image_scene.volume)
+        self.slicer.display_manager.show_volume_in_slice_foreground(None)
+        self.slicer.display_manager.reset_views()
+        self._bind_editor()
+        self.state.prediction_shown = ""
+        if self.project.round and self.project.prediction_path(image_id) is not None:
+            self._show_prediction_file(image_id, self.project.round)
+
+    def _bind_editor(self):
+        node = (self.image_scene.prediction_node if self.state.edit_target == "prediction"
+                and self.image_scene.prediction_node is not None else self.image_scene.labels_node)
+        self.editor.set_active_segmentation(node, self.image_scene.volume)
+        self.editor.set_surface_representation_enabled(False)
+        self._select_class_segment()
+        self._apply_effect()
+
+    def _set_layout(self, name):
+        self.layouts.set_layout(name)
+        rebind_effect_pipelines(self.editor, self.slicer.view_manager)
+
+    # ------------------------------------------------------------------ editing
+    def _select_class_segment(self):
+        if self.image_scene is None:
+            return
+        ids = (self.image_scene.prediction_ids if self.editor.active_segmentation_node is
+               self.image_scene.prediction_node else self.image_scene.segment_ids)
+        k = int(self.state.active_class or 1)
+        if 1 <= k <= len(ids):
+            self.editor.set_active_segment_id(ids[k - 1])
+
+    def _apply_effect(self):
+        from trame_slicer.segmentation import (SegmentationEffectDraw, SegmentationEffectErase,
+                                               SegmentationEffectPaint, SegmentationEffectSmoothing)
+        from trame_slicer.segmentation.segmentation_effect_smoothing import SmoothingEffectMode
+
+        if self.image_scene is None:
+            return
+        kinds = {"paint": SegmentationEffectPaint, "erase": SegmentationEffectErase,
+                 "draw": SegmentationEffectDraw, "smoothing": SegmentationEffectSmoothing}
+        self._select_class_segment()
+        self._apply_mask()
+        kind = kinds.get(self.state.effect)
+        if kind is None:
+            self.editor.deactivate_effect()
+            return
+        effect = self.editor.set_active_effect_type(kind)
+        rebind_effect_pipelines(self.editor, self.slicer.view_manager)
+        if hasattr(effect, "set_brush_diameter"):
+            effect.set_brush_diameter(float(self.state.brush_diameter))
+        if kind is SegmentationEffectSmoothing:
+            effect.set_smoothing_mode(SmoothingEffectMode.MEDIAN)
+            effect.set_kernel_size(float(self.state.smoothing_kernel_mm))
+
+    def _apply_mask(self):
+        """Threshold-masked painting: strokes land only where the image is within [min, max]."""
+        node = self.editor.editor_node
+        node.SetSourceVolumeIntensityMask(bool(self.state.mask_on))
+        lo, hi = panel.mask_range(self.state.mask_min, self.state.mask_max)
+        node.SetSourceVolumeIntensityMaskRange(lo, hi)
+
+    def smooth_whole_segment(self):
+        from trame_slicer.segmentation import SegmentationEffectSmoothing
+        from trame_slicer.segmentation.segmentation_effect_smoothing import SmoothingEffectMode
+
+        effect = self.editor.get_effect(SegmentationEffectSmoothing)
+        self.editor.set_active_effect(effect)
+        self._select_class_segment()
+        effect.set_kernel_size(float(self.state.smoothing_kernel_mm))
+        effect.apply_smoothing(smoothing_mode=SmoothingEffectMode.MEDIAN)
+        self._apply_effect()
+
+    def _on_segmentation_modified(self, *_):
+        if self.image_scene is None or self.editor.active_segmentation_node is not self.image_scene.labels_node:
+            return
+        self._last_change = time.perf_counter()
+        loop = asyncio.get_event_loop_policy().get_event_loop()
+        if self._save_handle is None:
+            self._save_handle = loop.call_later(SAVE_DELAY_S, self._save_labels_now)
+
+    def _save_labels_now(self):
+        self._save_handle = None
+        with self.state:
+            try:
+                self._flush_labels()
+            except SemSegLoopError as e:
+                self.model.fail(str(e))
+                self._push()
+
+    def _flush_labels(self):
+        """Write the labels on screen into the project (only when they changed)."""
+        if self.image_scene is None or self.project is None or self._last_change == 0.0:
+            return
+        self._last_change = 0.0
+        labels = self.image_scene.labels()
+        self.engine.save_labels(self.state.image_id, labels)
+        self.state.labels_saved += 1
+
+    # ------------------------------------------------------------------ engine
+    def _snapshot(self) -> dict | None:
+        """The labels on screen, sent with Train/Predict (strokes still being saved included)."""
+        if self.image_scene is None:
+            return None
+        self._last_change = 0.0
+        if self._save_handle is not None:
+            self._save_handle.cancel()
+            self._save_handle = None
+        return {self.state.image_id: self.image_scene.labels()}
+
+    def train(self):
+        request = self.model.start_train(self.state.time_budget_s)
+        self.engine.train(labels=self._snapshot(), **request)
+
+    def _train_or_stop(self):
+        if self.model.busy == "train":
+            self.stop()
+        else:
+            self.train()
+
+    def stop(self):
+        self.model.stopping()
+        self.engine.cancel()
+
+    def predict(self, scope):
+        ids = [self.state.image_id] if scope == "current" else None
+        self.model.start_predict(scope)
+        self.engine.predict(ids, uncertainty=bool(self.state.show_uncertainty),
+                            labels=self._snapshot())
+
+    def copy_prediction(self):
+        if self.image_scene is None:
+            raise panel.WebInputError("open an image first")
+        added = self.image_scene.copy_prediction_into_labels()
+        self._last_change = time.perf_counter()
+        self._flush_labels()
+        self.model.say(panel.copied_message(added, self.project.class_names))
+
+    def export(self):
+        self.model.start_job("export")
+        self.engine.export(str(Path(self.state.export_dir or self.project.path / "results")))
+
+    def fractions(self):
+        self.model.start_job("fractions")
+        self.engine.fractions(str(self.project.path / "results" / "class_fractions.csv"))
+
+    def refine(self):
+        self.model.start_job("refine")
+        self.engine.refine([self.state.image_id])
+
+    def _reopen(self):
+        """Read the project again (the service is its writer; the page only reads it)."""
+        from semsegloop.project import Project
+
+        self.project = Project.open(self.project.path, read_only=True)
+
+    def _on_engine_event(self, ev: dict):
+        if ev.get("job") == "edit":
+            if ev.get("event") == "error":
+                self.model.fail(f"saving {ev.get('op', 'an edit')} failed: {ev.get('message')}")
+            elif ev.get("event") == "done":
+                self._reopen()
+                if ev.get("op") == "set_labels":
+                    self._refresh_images()
+                elif ev.get("op") == "set_classes":
+                    self._refresh_classes()
+            return
+        if ev.get("job") == "service" and ev.get("event") == "crashed":
+            self.model.on_event(ev)
+            return
+        if ev.get("job") != "panel":
+            return
+        outcome = self.model.on_event(ev)
+        if outcome is None:
+            return
+        self._reopen()
+        if outcome == "train_done":
+            self.model.round = self.project.round
+            if self.state.predict_after_train and self.project.round:
+                self.predict("current")
+        elif outcome == "predict_done":
+            if self.state.image_id in (ev.get("outputs") or {}):
+                unc = (ev.get("uncertainty") or {}).get(self.state.image_id)
+                self._show_prediction_file(self.state.image_id, int(ev.get("round") or self.project.round),
+                                           self.project.path / unc if unc else None)
+            self._refresh_images()
+        elif outcome == "fractions_done":
+            rows, csv_text = panel.read_fractions(Path(ev.get("csv_path") or
+                                                       self.project.path / "results" / "class_fractions.csv"))
+            self.state.fractions_rows, self.state.fractions_csv = rows, csv_text
+        elif outcome == "export_done":
+            self.model.say(f"Exported {len(ev.get('outputs') or [])} label maps to {self.state.export_dir}.")
+
+    def _show_prediction_file(self, image_id, round_index, uncertainty_path=None):
+        from semsegloop.data import imageio
+
+        p = self.project.prediction_path(image_id, round_index)
+        if p is None:
+            return
+        labels, _ = imageio.read_labels(p)
+        if uncertainty_path is None:
+            candidate = p.with_name(f"{image_id}_uncertainty.nrrd")
+            uncertainty_path = candidate if candidate.exists() else None
+        unc = (panel.read_uncertainty(uncertainty_path)
+               if self.state.show_uncertainty and uncertainty_path is not None else None)
+        self.image_scene.show_prediction(labels, round_index, unc)
+        fg = self.image_scene.uncertainty_node
+        for view in self.slicer.view_manager.get_slice_views():
+            view.set_foreground_volume_id(fg.GetID() if fg is not None else None)
+            if fg is not None:
+                view.set_foreground_opacity(0.35)
+        self.state.prediction_shown = f"SemSegLoop round {round_index}"
+        if self.state.edit_target == "prediction":
+            self._bind_editor()
+
+    async def _poll(self):
+        while True:
+            await asyncio.sleep(POLL_S)
+            if self.engine is None:
+                continue
+            events = self.engine.poll()
+            if not events and not self.model.busy:
+                continue
+            with self.state:
+                for ev in events:
+                    try:
+                        self._on_engine_event(ev)
+                    except SemSegLoopError as e:
+                        self.model.fail(str(e))
+                self._push()
+
+    def _on_ready(self, **_):
+        asyncio.get_event_loop_policy().get_event_loop().create_task(self._poll())
+
+    # ------------------------------------------------------------------ UI
+    def _guarded(self, fn):
+        """Run a button's action; a SemSegLoopError becomes the page's error line."""
+        def run(*args, **kwargs):
+            try:
+                fn(*args, **kwargs)
+            except SemSegLoopError as e:
+                self.model.fail(str(e))
+            self._push()
+        return run
+
+    def _build_ui(self):
+        from semsegloop.apps.web.page import build_page
+
+        build_page(self)
+
+    # trame state callbacks (registered in page.py)
+    def on_effect(self, **_):
+        self._apply_effect()
+
+    def on_active_class(self, **_):
+        self._select_class_segment()
+
+    def on_edit_target(self, **_):
+        if self.image_scene is not None:
+            self._bind_editor()
+
+    def on_rename(self, value, name):
+        classes = panel.rename_class(self.project.classes, int(value), name)
+        self._set_classes(classes)
+
+    def on_color(self, value, color):
+        classes = panel.recolor_class(self.project.classes, int(value), color)
+        self._set_classes(classes)
+
+    def add_class(self):
+        classes = panel.add_class(self.project.classes, self.state.new_class_name)
+        self._set_classes(classes)
+        self.state.new_class_name = ""
+
+    def _set_classes(self, classes):
+        self.engine.set_classes(classes)
+        if self.image_scene is not None:
+            self.image_scene.set_classes(classes)
+        self.state.classes = panel.classes_for_page(classes)
