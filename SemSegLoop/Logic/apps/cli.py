@@ -1,4 +1,4 @@
-"""The `semsegloop` command: init | add | train | predict | evaluate | export | demo | serve.
+"""The `semsegloop` command: init | add | train | predict | evaluate | export | demo | serve | web.
 
 Every error the user can fix prints one line `semsegloop: error: ...` and exits with 2;
 Ctrl-C during training stops at the next step and keeps the model trained so far."""
@@ -100,6 +100,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--images", type=int, default=6)
     s.add_argument("--size", type=int, default=256)
     s.add_argument("--device", default="auto")
+
+    s = sub.add_parser("web", help="open the project in the browser (needs semsegloop[web])",
+                       description="Serve the web app: slice views, Segment Editor effects and the "
+                                   "SemSegLoop panel; compute runs in an engine service process.")
+    s.add_argument("project", type=Path, nargs="?",
+                   help="project folder (none: the page offers to create one)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default 127.0.0.1; anything else is reachable by "
+                        "others: the page then needs the access token printed at start-up)")
+    s.add_argument("--sample", action="store_true",
+                   help="fill an empty or new PROJECT folder with the built-in sample tiles first")
+    s.add_argument("--device", default="auto", help="device of the engine service")
     return p
 
 
@@ -322,8 +335,15 @@ def cmd_demo(a) -> int:
     return 0 if first and last else 1
 
 
+def cmd_web(a) -> int:
+    from semsegloop.apps.web.server import main as web_main
+
+    return web_main(a.project, port=a.port, host=a.host, sample=a.sample, device=a.device)
+
+
 COMMANDS = {"init": cmd_init, "add": cmd_add, "train": cmd_train, "predict": cmd_predict,
-            "evaluate": cmd_evaluate, "export": cmd_export, "demo": cmd_demo, "serve": cmd_serve}
+            "evaluate": cmd_evaluate, "export": cmd_export, "demo": cmd_demo, "serve": cmd_serve,
+            "web": cmd_web}
 
 
 def main(argv=None) -> int:
