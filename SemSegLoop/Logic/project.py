@@ -57,6 +57,7 @@ class Project:
         self._read_only = read_only
         self._folder_lock: folder_lock.FolderLock | None = None
         self._train_lock = threading.Lock()   # one round at a time
+        self._recent: dict[str, tuple] = {}   # image_id -> (round, Prediction), for refine
 
     # ---------------------------------------------------------------- create / open / save
     @classmethod
@@ -672,12 +673,14 @@ class Project:
 
     def predict_full(self, image_id: str, device: str = "auto", round: int | None = None,
                      save: bool | None = None, keep_strokes: bool = True, cancel: Any = None,
-                     progress: Callable[[float], None] | None = None):
+                     progress: Callable[[float], None] | None = None, postprocess: bool = True):
         """Prediction of one image: .labels (S,Y,X) uint8 1..K, .probabilities (K,S,Y,X) float16,
         .entropy (S,Y,X) float16 in [0, 1].
 
         ``keep_strokes``: painted pixels keep their painted class in .labels (the person's
-        strokes win over the network). ``save`` (default: unless opened read-only) writes
+        strokes win over the network). ``postprocess``: apply the project's per-class clean-up
+        (``set_postprocessing``) to .labels, never to painted pixels. ``save`` (default: unless
+        opened read-only) writes
         predictions/round_NNN/<id>.nrrd (and a TIFF for 2D) plus the uncertainty map; the labels
         file is never touched.
         """
@@ -703,13 +706,19 @@ class Project:
             except InterruptedError:
                 raise TrainingError(f"prediction of '{image_id}' was cancelled") from None
             del x
+            lab = self.labels(image_id) if keep_strokes or postprocess else None
             if keep_strokes:
-                lab = self.labels(image_id)
                 painted = lab > 0
                 if painted.any():
                     pred.labels[painted] = lab[painted]
+            if postprocess and self.postprocessing:
+                from semsegloop.predict.postprocess import postprocess_labels
+                pred.labels = postprocess_labels(pred.labels, self.postprocessing,
+                                                 self.geometry(image_id).spacing, self.dims,
+                                                 strokes=lab if keep_strokes else None)
             if save:
                 self._save_prediction(image_id, r, pred)
+                self._remember_prediction(image_id, r, pred)
             return pred
 
     def predict(self, image_id: str, device: str = "auto", save: bool | None = None,
@@ -738,6 +747,131 @@ class Project:
     def saved_prediction(self, image_id: str, round: int | None = None) -> np.ndarray | None:
         p = self.prediction_path(image_id, round)
         return imageio.read_labels(p)[0] if p else None
+
+    # ---------------------------------------------------------------- refine, clean up, suggest
+    def _remember_prediction(self, image_id: str, round_index: int, pred) -> None:
+        # Refine needs the probabilities; the last two predicted images keep theirs in memory.
+        self._recent.pop(image_id, None)
+        self._recent[image_id] = (round_index, pred)
+        while len(self._recent) > 2:
+            self._recent.pop(next(iter(self._recent)))
+        (self._refined_path(image_id, round_index)).unlink(missing_ok=True)
+
+    def _refined_path(self, image_id: str, round_index: int) -> Path:
+        return self.path / "predictions" / f"round_{round_index:03d}" / f"{image_id}_refined.nrrd"
+
+    def refined_prediction(self, image_id: str) -> np.ndarray | None:
+        """The latest round's refined segmentation of an image, if it was refined."""
+        p = self._refined_path(image_id, self.round)
+        return imageio.read_labels(p)[0] if p.exists() else None
+
+    def refine(self, image_id: str, strokes, geometry: Geometry | None = None,
+               device: str = "auto", settings=None) -> np.ndarray:
+        """The current round's prediction of ``image_id`` corrected by ``strokes``, in about a
+        second and without retraining; returns the refined (S, Y, X) uint8 label map, 1..K.
+
+        ``strokes``: a label map on the image's grid (0 = nothing, k = class k): only new
+        strokes, or the whole current labels with old strokes included (same result). The
+        strokes join the image's labels (new ones win where they overlap old ones), so the next
+        round trains on them; the result keeps every painted pixel and is saved as
+        predictions/round_NNN/<id>_refined.nrrd. Refining again starts from it.
+        """
+        from semsegloop.data.normalization import normalize
+        from semsegloop.predict.refine import refine_labels
+
+        with self._lock:
+            entry = self._entry(image_id)
+            r = self.round
+            saved = self.saved_prediction(image_id) if r else None
+            if saved is None:
+                raise ProjectError(f"image '{image_id}' has no prediction of round {r} yet: "
+                                   f"{'train and ' if not r else ''}predict it before refining")
+            what = f"strokes for image '{image_id}'"
+            arr = self.check_labels(tuple(entry["shape"][:3]), strokes, what)
+            if geometry is not None and not geometry.matches(self.geometry(image_id), tol=1e-3):
+                raise LabelError(f"{what} are on a different grid (spacing/origin/direction "
+                                 f"{geometry.to_json()} vs {self.geometry(image_id).to_json()})")
+            if not arr.any():
+                raise LabelError(f"{what} are empty: paint at least one stroke to refine with")
+            cached = self._recent.get(image_id)
+            if cached is None or cached[0] != r:
+                pred = self.predict_full(image_id, device=device, save=False)
+                self._recent[image_id] = (r, pred)
+                cached = self._recent[image_id]
+            probs = cached[1].probabilities
+            labels = self.labels(image_id)
+            labels[arr > 0] = arr[arr > 0]
+            current = self.refined_prediction(image_id)
+            current = saved if current is None else current
+            x = normalize(self.image(image_id).array, self._meta["normalization"])
+            refined = refine_labels(x, probs, current, labels, self.geometry(image_id).spacing,
+                                    self.dims, settings)
+            self.set_labels(image_id, labels)
+            imageio.write_labels(self._refined_path(image_id, r), refined, self.geometry(image_id))
+            return refined
+
+    @property
+    def postprocessing(self) -> dict:
+        """Per-class clean-up applied to predictions: {"k": {option: value}} (see
+        ``set_postprocessing``)."""
+        return json.loads(json.dumps(self._meta.get("postprocessing") or {}))
+
+    def set_postprocessing(self, settings: dict) -> None:
+        """Store the per-class clean-up of predictions, keyed by class name or value 1..K:
+        ``largest_component`` (bool), ``min_size`` (remove islands below this many mm^2 in 2D /
+        mm^3 in 3D), ``fill_holes`` (bool), ``smoothing`` ("none" | "closing" | "median") with
+        ``smoothing_mm``. An empty dict turns it off. Painted pixels are never changed."""
+        from semsegloop.predict.postprocess import validate_settings
+
+        self._meta["postprocessing"] = validate_settings(settings, self.n_classes, self.class_names)
+        self.save()
+
+    def suggest(self, n: int = 3, by: str = "auto", image_ids: list[str] | None = None,
+                device: str = "auto") -> list[dict]:
+        """Where to paint next: the ``n`` most uncertain unpainted images (``by="image"``) or
+        unpainted slices (``by="slice"``), each {"image_id", "slice", "score"} (score = mean
+        uncertainty, 0..1), most uncertain first. ``auto``: images in 2D (each slice of a stack
+        counts as one), slices in 3D when every volume is painted or there is only one.
+        Uses the saved uncertainty maps of the latest round, predicting images that lack one.
+        """
+        from semsegloop.predict import suggest as sg
+
+        if n < 1:
+            raise ProjectError(f"suggest needs n >= 1, got {n}")
+        if by not in ("auto", "image", "slice"):
+            raise ProjectError(f"suggest by must be auto, image or slice, got '{by}'")
+        if self.round == 0:
+            raise CheckpointError(f"project '{self.path}' has no trained model yet; train first")
+        ids = image_ids or self.image_ids
+        painted = {i for i in ids if self.labels(i).any()}
+        if by == "auto":
+            by = "image" if self.dims == 2 or (len(ids) > 1 and painted != set(ids)) else "slice"
+        candidates, taken = [], {}
+        for i in ids:
+            if by == "image" and self.dims == 3 and i in painted:
+                continue
+            ent = self._uncertainty(i, device)
+            lab = self.labels(i)
+            if by == "image" and self.dims == 3:
+                candidates += sg.image_scores({i: ent})
+            else:
+                candidates += sg.slice_scores(i, ent, lab)
+                taken[i] = set(np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1)).tolist())
+        # 2D images are independent; slices of a volume are spread out.
+        gap = 0 if by == "image" else max(1, max(len(self.labels(i)) for i in ids) // (4 * n))
+        best = sg.top(candidates, n, min_gap=gap, painted=taken if gap else None)
+        if self.dims == 2:
+            for c in best:  # a single 2D image is the image, not slice 0 of it
+                if self._entry(c.image_id)["shape"][0] == 1:
+                    c.slice = None
+        return [c.to_json() for c in best]
+
+    def _uncertainty(self, image_id: str, device: str) -> np.ndarray:
+        p = self.path / "predictions" / f"round_{self.round:03d}" / f"{image_id}_uncertainty.nrrd"
+        if p.exists():
+            shape = tuple(self._entry(image_id)["shape"][:3])
+            return imageio.read_image(p).array[..., 0].reshape(shape)
+        return self.predict_full(image_id, device=device).entropy
 
     # ---------------------------------------------------------------- measuring
     def evaluate(self, references: dict, predict_missing: bool = True) -> dict:

@@ -1,0 +1,317 @@
+"""Refine and Suggest benchmark: Dice after each simulated click (Refine vs Grow from seeds vs a
+retraining round with the same strokes), Refine's speed, and Suggest vs evenly spread images.
+
+Clicks: a disk (radius 3) at the deepest point of the largest remaining error region of the
+image, one at a time, 5 clicks (``semsegloop.measure.simulate.simulate_correction`` with one
+region). Grow from seeds is Slicer's ``vtkImageGrowCutSegment`` (slicer-core wheel) on every
+stroke painted on that image so far. The retraining round trains one more round (same budget
+as the first) on all strokes including the clicks. Timings are on this machine under the load
+of the other sessions sharing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import datasets  # noqa: E402
+
+RADIUS = 3
+
+
+def log(msg: str) -> None:
+    print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+def dice(pred: np.ndarray, ref: np.ndarray, K: int) -> float:
+    """Mean Dice over the classes present in the reference or the prediction."""
+    vals = []
+    for k in range(1, K + 1):
+        a, b = pred == k, ref == k
+        den = a.sum() + b.sum()
+        if den:
+            vals.append(2.0 * (a & b).sum() / den)
+    return float(np.mean(vals))
+
+
+def grow_from_seeds(image: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Slicer's Grow from seeds on (S, Y, X, C) image and (S, Y, X) seeds; 2D runs on three
+    copies of the slice (the filter needs three voxels along every axis)."""
+    import vtk
+    from slicer import vtkImageGrowCutSegment
+    from vtk.util import numpy_support as ns
+
+    grey = image.astype(np.float32).mean(axis=-1)
+    lo, hi = np.percentile(grey, [0.5, 99.5])
+    grey = np.clip((grey - lo) / max(hi - lo, 1e-6), 0, 1) * 1000
+    flat = grey.shape[0] < 3
+    reps = 3 if flat else 1
+    grey = np.repeat(grey, reps, axis=0) if flat else grey
+    seed = np.repeat(seeds, reps, axis=0) if flat else seeds
+
+    def to_vtk(a):
+        im = vtk.vtkImageData()
+        im.SetDimensions(a.shape[2], a.shape[1], a.shape[0])
+        im.GetPointData().SetScalars(ns.numpy_to_vtk(np.ascontiguousarray(a, np.int16).ravel(),
+                                                     deep=True, array_type=vtk.VTK_SHORT))
+        return im
+    g = vtkImageGrowCutSegment()
+    g.SetIntensityVolume(to_vtk(grey))
+    g.SetSeedLabelVolume(to_vtk(seed))
+    g.Update()
+    out = ns.vtk_to_numpy(g.GetOutput().GetPointData().GetScalars()).reshape(grey.shape)
+    return out[1:2].astype(np.uint8) if flat else out.astype(np.uint8)
+
+
+def make_strokes(case, idx, args):
+    from semsegloop.measure.simulate import simulate_strokes
+
+    return simulate_strokes(case.samples[idx].reference, case.n_classes, pixels_per_class=args.pixels,
+                            brush_radius=1, seed=args.seed + idx, dims=case.dims)
+
+
+def new_project(case, workdir: Path, name: str, indices):
+    from semsegloop import Project
+
+    proj = Project.create(workdir / f"{case.key}_{name}", classes=case.classes, dims=case.dims)
+    ids = {i: proj.add_image(case.samples[i].image, name=case.samples[i].name) for i in indices}
+    return proj, ids
+
+
+# ------------------------------------------------------------------------------ Refine
+def refine_case(case, args, workdir: Path) -> dict:
+    from semsegloop.measure.simulate import simulate_correction
+
+    targets = case.paint[: args.targets]
+    context = [case.predict[j] for j in datasets.spread(len(case.predict), args.context)]
+    proj, ids = new_project(case, workdir, "refine", case.paint + context)
+    strokes = {i: make_strokes(case, i, args) for i in case.paint}
+    for i in case.paint:
+        proj.set_labels(ids[i], strokes[i])
+    log(f"{case.key}: round 1, {args.train_seconds:g} s")
+    proj.train(time_budget_s=args.train_seconds, device=args.device, seed=args.seed)
+    K = case.n_classes
+    rows = []
+    for i in targets:
+        ref = case.samples[i].reference
+        pred = proj.predict(ids[i], device=args.device)
+        row = {"image": case.samples[i].name, "start": dice(pred, ref, K), "refine": [],
+               "grow": [], "refine_s": []}
+        so_far, current = strokes[i].copy(), pred
+        for c in range(args.clicks):
+            after = simulate_correction(so_far, current, ref, n_regions=1, radius=RADIUS,
+                                        dims=case.dims, seed=args.seed + c)
+            click = np.where(after != so_far, after, 0).astype(np.uint8)
+            if not click.any():
+                break
+            t0 = time.perf_counter()
+            current = proj.refine(ids[i], click)
+            row["refine_s"].append(time.perf_counter() - t0)
+            so_far = after
+            row["refine"].append(dice(current, ref, K))
+            row["grow"].append(dice(grow_from_seeds(case.samples[i].image.array, so_far), ref, K))
+        rows.append(row)
+        log(f"{case.key} {row['image']}: start {row['start']:.3f} refine "
+            f"{' '.join(f'{d:.3f}' for d in row['refine'])} | grow "
+            f"{' '.join(f'{d:.3f}' for d in row['grow'])}")
+    log(f"{case.key}: retraining round with the clicks, {args.train_seconds:g} s")
+    proj.train(time_budget_s=args.train_seconds, device=args.device, seed=args.seed)
+    for row, i in zip(rows, targets):
+        row["retrain"] = dice(proj.predict(ids[i], device=args.device), case.samples[i].reference, K)
+    return summarise_refine(case, rows, args)
+
+
+def summarise_refine(case, rows, args) -> dict:
+    n = min(len(r["refine"]) for r in rows)
+    start = float(np.mean([r["start"] for r in rows]))
+    ref_curve = [float(np.mean([r["refine"][c] for r in rows])) for c in range(n)]
+    grow_curve = [float(np.mean([r["grow"][c] for r in rows])) for c in range(n)]
+    retrain = float(np.mean([r["retrain"] for r in rows]))
+    gain_refine = ref_curve[-1] - start if n else 0.0
+    gain_retrain = retrain - start
+    curve = [start] + ref_curve
+    return {"case": case.key, "title": case.title, "dims": case.dims, "images": rows,
+            "start": start, "refine": ref_curve, "grow": grow_curve, "retrain": retrain,
+            "refine_s_max": max(s for r in rows for s in r["refine_s"]),
+            "refine_s_mean": float(np.mean([s for r in rows for s in r["refine_s"]])),
+            "never_drops": all(b >= a - 1e-9 for a, b in zip(curve, curve[1:])),
+            "half_of_retrain": gain_refine >= 0.5 * gain_retrain,
+            "beats_grow": all(a > b for a, b in zip(ref_curve, grow_curve))}
+
+
+# ------------------------------------------------------------------------------ speed
+def speed(args) -> list[dict]:
+    """refine_labels on a 512^2 image and a 200^3 volume with one click in a missed region."""
+    from scipy import ndimage as ndi
+
+    from semsegloop.predict.geodesic import geodistk_available
+    from semsegloop.predict.refine import RefineSettings, refine_labels
+
+    rng = np.random.default_rng(0)
+    out = []
+    for shape, dims in (((1, 512, 512), 2), ((200, 200, 200), 3)):
+        grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+        centre = [n // 2 for n in shape]
+        r2 = sum((g - c) ** 2 for g, c in zip(grids[3 - dims:], centre[3 - dims:]))
+        ref = np.where(r2 <= (shape[-1] // 5) ** 2, 2, 1).astype(np.uint8)
+        img = ndi.gaussian_filter((ref == 2).astype(np.float32) + rng.normal(0, 0.3, shape)
+                                  .astype(np.float32), 1)[..., None]
+        p = np.where(ref == 2, 0.9, 0.1).astype(np.float32)
+        # The network misses a wedge of the object; the click goes in it.
+        wedge = (ref == 2) & (grids[-1] > centre[-1] + shape[-1] // 20)
+        p[wedge] = 0.1
+        probs = np.stack([1 - p, p]).astype(np.float16)
+        current = (np.argmax(probs, axis=0) + 1).astype(np.uint8)
+        click = np.zeros(shape, np.uint8)
+        z = centre[0]
+        cy, cx = centre[1], centre[2] + shape[-1] // 8
+        click[z, cy - RADIUS:cy + RADIUS + 1, cx - RADIUS:cx + RADIUS + 1] = 2
+        methods = ["numpy"] + (["geodistk"] if geodistk_available() else [])
+        for m in methods:
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                res = refine_labels(img, probs, current, click, (1.0, 1.0, 1.0), dims,
+                                    RefineSettings(method=m))
+                times.append(time.perf_counter() - t0)
+            fixed = float((res[wedge] == 2).mean())
+            out.append({"shape": "x".join(map(str, shape)), "method": m, "median_s": float(np.median(times)),
+                        "max_s": float(np.max(times)), "target_s": 1.0 if dims == 2 else 3.0,
+                        "wedge_fixed": fixed})
+            log(f"speed {out[-1]}")
+    return out
+
+
+# ------------------------------------------------------------------------------ Suggest
+def suggest_case(case, args, workdir: Path) -> dict:
+    from semsegloop import Project
+
+    n_img = len(case.samples)
+    indices = list(range(n_img))
+    proj, ids = new_project(case, workdir, "suggest_a", indices)
+    for i in case.paint:
+        proj.set_labels(ids[i], make_strokes(case, i, args))
+    log(f"{case.key}: suggest round 1, {args.train_seconds:g} s")
+    proj.train(time_budget_s=args.train_seconds, device=args.device, seed=args.seed)
+    shutil.copytree(proj.path, workdir / f"{case.key}_suggest_b")
+    other = Project.open(workdir / f"{case.key}_suggest_b")
+    by_id = {v: k for k, v in ids.items()}
+    t0 = time.perf_counter()
+    suggested = proj.suggest(3, device=args.device)
+    suggest_s = time.perf_counter() - t0
+    chosen_a = [by_id[s["image_id"]] for s in suggested]
+    unpainted = [i for i in indices if i not in case.paint]
+    chosen_b = [unpainted[j] for j in datasets.spread(len(unpainted), 3)]
+    rest = [i for i in unpainted if i not in chosen_a and i not in chosen_b]
+    result = {"case": case.key, "suggested": [case.samples[i].name for i in chosen_a],
+              "scores": [s["score"] for s in suggested], "spread": [case.samples[i].name for i in chosen_b],
+              "suggest_s": suggest_s, "rest": len(rest)}
+    for name, p, chosen in (("suggest", proj, chosen_a), ("spread", other, chosen_b)):
+        for i in chosen:
+            p.set_labels(ids[i], make_strokes(case, i, args))
+        log(f"{case.key}: round 2 with {name}ed images, {args.train_seconds:g} s")
+        p.train(time_budget_s=args.train_seconds, device=args.device, seed=args.seed)
+        scores = [dice(p.predict(ids[i], device=args.device, save=False), case.samples[i].reference,
+                       case.n_classes) for i in rest]
+        result[f"dice_{name}"] = float(np.mean(scores))
+    result["suggest_wins"] = result["dice_suggest"] > result["dice_spread"]
+    return result
+
+
+# ------------------------------------------------------------------------------ report
+def print_report(report: dict) -> None:
+    s = report["settings"]
+    print(f"SemSegLoop Refine/Suggest benchmark, {s['date']}; {s['cpu_count']} CPU cores shared "
+          f"with other sessions; training {s['train_seconds']:g} s per round; {s['clicks']} clicks "
+          f"(disk r={RADIUS}); GeodisTK installed: {s['geodistk']}")
+    print("\nRefine speed (refine_labels, one click in a missed region; target 1 s 2D / 3 s 3D)")
+    print(f"{'shape':<14}{'geodesic':<10}{'median s':>9}{'max s':>8}{'target':>8}{'fixed':>7}")
+    for r in report["speed"]:
+        print(f"{r['shape']:<14}{r['method']:<10}{r['median_s']:>9.3f}{r['max_s']:>8.3f}"
+              f"{r['target_s']:>8.1f}{r['wedge_fixed']:>7.2f}")
+    for c in report["refine"]:
+        print(f"\n{c['title']} ({c['dims']}D), {len(c['images'])} painted image(s): mean Dice")
+        print(f"{'clicks':<10}" + "".join(f"{n:>7}" for n in range(len(c['refine']) + 1)))
+        print(f"{'refine':<10}{c['start']:>7.3f}" + "".join(f"{d:>7.3f}" for d in c["refine"]))
+        print(f"{'grow':<10}{'':>7}" + "".join(f"{d:>7.3f}" for d in c["grow"]))
+        print(f"{'retrain':<10}{c['start']:>7.3f}{'':>{7 * (len(c['refine']) - 1)}}{c['retrain']:>7.3f}"
+              "  (one more round on the same strokes)")
+        print(f"Refine seconds (Project.refine, incl. I/O): mean {c['refine_s_mean']:.3f}, max "
+              f"{c['refine_s_max']:.3f}; never drops: {c['never_drops']}; >= half the retraining "
+              f"gain: {c['half_of_retrain']}; beats Grow from seeds after every click: {c['beats_grow']}")
+    for c in report["suggest"]:
+        print(f"\nSuggest on {c['case']}: round 2 paints 3 more images; mean Dice on the other "
+              f"{c['rest']} images")
+        print(f"  suggested {c['suggested']} (scores {[round(x, 3) for x in c['scores']]}, "
+              f"{c['suggest_s']:.1f} s): {c['dice_suggest']:.3f}")
+        print(f"  evenly spread {c['spread']}: {c['dice_spread']:.3f}   suggest higher: "
+              f"{c['suggest_wins']}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--refine-cases", default="isbi,nuclei,hippocampus")
+    p.add_argument("--suggest-cases", default="isbi,hippocampus")
+    p.add_argument("--train-seconds", type=float, default=15.0)
+    p.add_argument("--clicks", type=int, default=5)
+    p.add_argument("--targets", type=int, default=2, help="painted images refined per case")
+    p.add_argument("--context", type=int, default=3, help="unpainted images in the refine project")
+    p.add_argument("--pixels", type=int, default=300)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data", type=Path, default=datasets.DEFAULT_DATA)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--no-speed", action="store_true")
+    args = p.parse_args(argv)
+    args.refine_cases = [c for c in args.refine_cases.split(",") if c]
+    args.suggest_cases = [c for c in args.suggest_cases.split(",") if c]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from semsegloop.predict.geodesic import geodistk_available
+
+    settings = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), cpu_count=os.cpu_count(),
+                    train_seconds=args.train_seconds, clicks=args.clicks, geodistk=geodistk_available(),
+                    seed=args.seed, pixels=args.pixels)
+    report = {"settings": settings, "speed": [], "refine": [], "suggest": [], "skipped": []}
+    t_all = time.perf_counter()
+    if not args.no_speed:
+        report["speed"] = speed(args)
+    workdir = Path(tempfile.mkdtemp(prefix="semsegloop_refine_"))
+    try:
+        for key in args.refine_cases + [f"suggest:{k}" for k in args.suggest_cases]:
+            name = key.split(":")[-1]
+            try:
+                case = datasets.load(name, args.data, quick=name == "hippocampus")
+            except FileNotFoundError as e:
+                report["skipped"].append(f"{key}: {e}")
+                print(f"{key}: skipped ({e})")
+                continue
+            if key.startswith("suggest:"):
+                report["suggest"].append(suggest_case(case, args, workdir))
+            else:
+                report["refine"].append(refine_case(case, args, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    settings["total_s"] = time.perf_counter() - t_all
+    print_report(report)
+    print(f"\ntotal {settings['total_s']:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
