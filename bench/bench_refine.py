@@ -202,7 +202,8 @@ def suggest_case(case, args, workdir: Path) -> dict:
         proj.set_labels(ids[i], make_strokes(case, i, args))
     log(f"{case.key}: suggest round 1, {args.train_seconds:g} s")
     proj.train(time_budget_s=args.train_seconds, device=args.device, seed=args.seed)
-    shutil.copytree(proj.path, workdir / f"{case.key}_suggest_b")
+    shutil.copytree(proj.path, workdir / f"{case.key}_suggest_b",
+                    ignore=shutil.ignore_patterns("project.lock"))
     other = Project.open(workdir / f"{case.key}_suggest_b")
     by_id = {v: k for k, v in ids.items()}
     t0 = time.perf_counter()

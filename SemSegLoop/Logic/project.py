@@ -779,6 +779,7 @@ class Project:
         from semsegloop.data.normalization import normalize
         from semsegloop.predict.refine import refine_labels
 
+        self._check_writable(f"refine image '{image_id}'")
         with self._lock:
             entry = self._entry(image_id)
             r = self.round

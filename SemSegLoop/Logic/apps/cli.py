@@ -1,4 +1,5 @@
-"""The `semsegloop` command: init | add | train | predict | evaluate | export | demo | serve | web.
+"""The `semsegloop` command: init | add | train | predict | refine | suggest | evaluate | export |
+demo | serve | web.
 
 Every error the user can fix prints one line `semsegloop: error: ...` and exits with 2;
 Ctrl-C during training stops at the next step and keeps the model trained so far."""
@@ -67,6 +68,27 @@ def _parser() -> argparse.ArgumentParser:
                        description="Predict images; results go to predictions/round_NNN/.")
     s.add_argument("project", type=Path)
     s.add_argument("--images", nargs="+", help="image ids (default: all)")
+    s.add_argument("--device", default="auto")
+    _postprocess_flags(s)
+
+    s = sub.add_parser("refine", help="correct a prediction with strokes, without retraining",
+                       description="Refine the latest round's prediction of one image with "
+                                   "correction strokes (a label map on the image's grid, 0 = none; "
+                                   "old strokes may be included). The strokes join the image's "
+                                   "labels; the result goes to predictions/round_NNN/ID_refined.nrrd.")
+    s.add_argument("project", type=Path)
+    s.add_argument("image", help="image id")
+    s.add_argument("strokes", type=Path, help="label map file of the strokes")
+    s.add_argument("--out", type=Path, help="also write the refined label map here")
+    s.add_argument("--device", default="auto")
+
+    s = sub.add_parser("suggest", help="where to paint next: the most uncertain images / slices",
+                       description="Rank unpainted images (2D, or volumes) or unpainted slices of "
+                                   "volumes by the latest model's uncertainty.")
+    s.add_argument("project", type=Path)
+    s.add_argument("-n", type=int, default=3, help="how many (default 3)")
+    s.add_argument("--by", choices=("auto", "image", "slice"), default="auto")
+    s.add_argument("--json", type=Path, help="also write the list as JSON")
     s.add_argument("--device", default="auto")
 
     s = sub.add_parser("evaluate", help="Dice / Jaccard / HD95 / MSD against reference labels",
@@ -264,16 +286,99 @@ def cmd_train(a) -> int:
     return EXIT_INTERRUPTED if res.cancelled and res.steps == 0 else 0
 
 
+def _postprocess_flags(s) -> None:
+    g = s.add_argument_group("post-processing (stored in the project, used by every later "
+                             "prediction; CLASS is a name or value 1..K)")
+    g.add_argument("--largest-component", metavar="CLASS", nargs="+", default=[],
+                   help="keep only the largest connected piece of these classes")
+    g.add_argument("--min-size", metavar="CLASS=SIZE", nargs="+", default=[],
+                   help="remove pieces smaller than SIZE mm^2 (2D) / mm^3 (3D)")
+    g.add_argument("--fill-holes", metavar="CLASS", nargs="+", default=[],
+                   help="fill holes enclosed by these classes")
+    g.add_argument("--smooth", metavar="CLASS=closing|median:MM", nargs="+", default=[],
+                   help="light smoothing of radius MM mm, e.g. nucleus=median:1.5")
+    g.add_argument("--clear-postprocess", action="store_true",
+                   help="remove the stored post-processing first")
+    g.add_argument("--no-postprocess", action="store_true",
+                   help="predict this time without post-processing (settings stay stored)")
+
+
+def _postprocess_settings(a, current: dict) -> dict | None:
+    """The project's settings updated by the flags, or None when no flag changes them."""
+    if not (a.largest_component or a.min_size or a.fill_holes or a.smooth or a.clear_postprocess):
+        return None
+    out = {} if a.clear_postprocess else {k: dict(v) for k, v in current.items()}
+
+    def pair(item: str, flag: str) -> tuple[str, str]:
+        if "=" not in item:
+            raise SemSegLoopError(f"{flag} '{item}' must be CLASS=VALUE")
+        return tuple(item.split("=", 1))
+    for c in a.largest_component:
+        out.setdefault(c, {})["largest_component"] = True
+    for c in a.fill_holes:
+        out.setdefault(c, {})["fill_holes"] = True
+    for item in a.min_size:
+        c, v = pair(item, "--min-size")
+        out.setdefault(c, {})["min_size"] = v
+    for item in a.smooth:
+        c, v = pair(item, "--smooth")
+        how, _, mm = v.partition(":")
+        out.setdefault(c, {}).update(smoothing=how, smoothing_mm=mm or "0")
+    return out
+
+
 def cmd_predict(a) -> int:
     from tqdm import tqdm
 
 
     proj = _open(a.project)
+    settings = _postprocess_settings(a, proj.postprocessing)
+    if settings is not None:
+        # Keys may mix names and values; merging them through the project's check keeps one
+        # entry per class.
+        merged: dict = {}
+        from semsegloop.predict.postprocess import validate_settings
+        for k, v in settings.items():
+            key = next(iter(validate_settings({k: {"fill_holes": True}}, proj.n_classes,
+                                              proj.class_names)))
+            merged.setdefault(key, {}).update(v)
+        proj.set_postprocessing(merged)
+        print(f"post-processing: {json.dumps(proj.postprocessing) if proj.postprocessing else 'none'}")
     ids = a.images or proj.image_ids
     for image_id in tqdm(ids, desc=f"predicting (round {proj.round})", unit="image",
                          file=sys.stderr):
-        proj.predict(image_id, device=a.device)
+        proj.predict(image_id, device=a.device, postprocess=not a.no_postprocess)
     print(f"predicted {len(ids)} image(s) -> {proj.path / 'predictions' / f'round_{proj.round:03d}'}")
+    return 0
+
+
+def cmd_refine(a) -> int:
+    from semsegloop.data import imageio
+
+    proj = _open(a.project)
+    strokes, geometry = imageio.read_labels(a.strokes)
+    before = proj.refined_prediction(a.image)
+    if before is None:
+        before = proj.saved_prediction(a.image)
+    refined = proj.refine(a.image, strokes, geometry=geometry, device=a.device)
+    changed = int((refined != before).sum()) if before is not None else int(refined.size)
+    if a.out:
+        imageio.write_labels(a.out, refined, proj.geometry(a.image))
+    print(f"refined '{a.image}' (round {proj.round}): {changed} voxel(s) changed -> "
+          f"{proj.path / 'predictions' / f'round_{proj.round:03d}' / f'{a.image}_refined.nrrd'}")
+    return 0
+
+
+def cmd_suggest(a) -> int:
+    proj = _open(a.project)   # images without an uncertainty map get predicted (and saved)
+    ranked = proj.suggest(a.n, by=a.by, device=a.device)
+    print(f"{'rank':<6}{'image':<28}{'slice':>6}{'uncertainty':>13}")
+    for n, r in enumerate(ranked, 1):
+        sl = "-" if r["slice"] is None else str(r["slice"])
+        print(f"{n:<6}{r['image_id']:<28}{sl:>6}{r['score']:>13.4f}")
+    if a.json:
+        from semsegloop.data.atomic import atomic_write_text
+        atomic_write_text(a.json, json.dumps(ranked, indent=2))
     return 0
 
 
@@ -342,6 +447,7 @@ def cmd_web(a) -> int:
 
 
 COMMANDS = {"init": cmd_init, "add": cmd_add, "train": cmd_train, "predict": cmd_predict,
+            "refine": cmd_refine, "suggest": cmd_suggest,
             "evaluate": cmd_evaluate, "export": cmd_export, "demo": cmd_demo, "serve": cmd_serve,
             "web": cmd_web}
 
