@@ -337,6 +337,14 @@ class ServiceClient:
                                                        self._geometries(references))
         return self._send(job)
 
+    def refine(self, image_id: str, strokes, geometry=None) -> Job:
+        """Write ``strokes`` ((S,Y,X) uint8, new ones or the whole labels) into the inbox and
+        ask for the refined prediction; ``done`` names its file in ``output``."""
+        job = self._new_job("refine", {"image_id": image_id})
+        geometries = {image_id: geometry} if geometry is not None else self._geometries({image_id: strokes})
+        job.request["strokes"] = self._labels_files(job.id, {image_id: strokes}, geometries)[image_id]
+        return self._send(job)
+
     def _geometries(self, labels: dict) -> dict:
         from semsegloop.data.imageio import Geometry
         import json

@@ -26,7 +26,7 @@ from semsegloop.service.ops import CONTROL, JOB, OPS, Cancelled
 log = logging.getLogger("semsegloop.service")
 
 # Modules whose import registers ops (ops.register); a new op module is added here.
-OP_MODULES = ["semsegloop.service.ops"]
+OP_MODULES = ["semsegloop.service.ops", "semsegloop.service.refine_ops"]
 # How long EOF/shutdown waits for a running job to honour its cancel before exiting anyway.
 SHUTDOWN_WAIT_S = 30.0
 
