@@ -197,6 +197,11 @@ def test_interrupted_writes_leave_nothing_after_the_next_open(small_project):
         p.write_bytes(b"\0" * 1000)
     keep = path / "labels" / "notes.tmp.txt"      # not a name an atomic write makes
     keep.write_text("mine")
+    old_lock_parts = [path / "project.lock.new-0123456789ab", path / "project.lock.stale-ab12"]
+    for p in old_lock_parts:                       # a crash inside taking the lock, long ago
+        p.write_text("{}")
+        os.utime(p, (time.time() - 3600, time.time() - 3600))
+    left += old_lock_parts
     semsegloop.Project.open(path, read_only=True).close()
     assert all(p.exists() for p in left), "read-only opening removes nothing"
     semsegloop.Project.open(path).close()

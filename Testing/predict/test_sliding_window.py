@@ -178,3 +178,28 @@ def test_predict_before_any_training_says_train_first(tmp_path, tiny_models):
     proj, image_id, _ = make_square_project(tmp_path / "p")
     with pytest.raises(semsegloop.CheckpointError, match="train first"):
         proj.predict(image_id)
+
+
+def test_a_cancel_inside_one_window_stops_the_prediction(tmp_path, tiny_models):
+    """A 3D volume predicted as one window still honours Stop: it is asked before every layer,
+    not only between slabs (one slab of a large volume is many windows)."""
+    from semsegloop.learn.networks import build_network, load_preset, plan_network
+
+    plan = plan_network(load_preset("tiny3d"), 1, 2, image_shape=(16, 32, 32))
+    model = build_network(plan)
+    vol = np.zeros((16, 32, 32, 1), np.float32)
+    assert len(inference._window_starts(16, inference.inference_roi(plan, (16, 32, 32))[0],
+                                        0.25)) == 1, "the test needs a single window"
+    asked = []
+
+    def cancel():
+        asked.append(1)
+        return len(asked) >= 6
+
+    with pytest.raises(InterruptedError):
+        inference.predict_image(model, vol, plan, __import__("torch").device("cpu"), 2,
+                                cancel=cancel)
+    assert len(asked) == 6, "it stopped at the first question asked inside the network"
+    # The hooks are gone afterwards: the same model predicts without asking anything.
+    pred = inference.predict_image(model, vol, plan, __import__("torch").device("cpu"), 2)
+    assert pred.labels.shape == (16, 32, 32) and len(asked) == 6

@@ -94,6 +94,7 @@ def acquire(folder: str | os.PathLike, what: str = "project") -> FolderLock:
                                    f"writing") from None
             lock = FolderLock(lock_path, record, key)
             _held[key] = lock
+            _remove_old_leftovers(folder)
             return lock
     raise ProjectError(f"cannot take the lock of {what} '{folder}': {lock_path} keeps changing; "
                        f"another process is opening it")
@@ -189,6 +190,15 @@ def _create_exclusive(lock_path: Path, text: str) -> None:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _remove_old_leftovers(folder: Path) -> None:
+    # A crash within the microseconds between writing a new lock (or moving a stale one aside)
+    # and linking/removing it leaves such a file; one older than a minute is nobody's.
+    for p in folder.glob(f"{LOCK_FILE}.*-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - p.stat().st_mtime > 60:
+                p.unlink()
 
 
 def _remove_if_ours(lock_path: str, token: str) -> None:
