@@ -260,7 +260,8 @@ def run_kills(work: Path, n_timed: int, seed: int) -> dict:
 
 # ------------------------------------------------------------------------------ Stop latency
 
-def _stop_case(case: str, trials: int, seed: int, between_steps_only: bool, work: Path):
+def _stop_case(case: str, trials: int, seed: int, between_steps_only: bool, work: Path,
+               max_delay: float = 8.0):
     """Latency (s) of ``trials`` Stops at random moments, and the phase each landed in."""
     import semsegloop
     from semsegloop.learn import training
@@ -295,7 +296,7 @@ def _stop_case(case: str, trials: int, seed: int, between_steps_only: bool, work
     try:
         for t in range(trials):
             stop = threading.Event()
-            delay = rng.uniform(0.0, 8.0)
+            delay = rng.uniform(0.0, max_delay)
             res = {}
 
             def train():
@@ -344,6 +345,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--cases", default="2d,3d")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-delay", type=float, default=8.0,
+                    help="Stops land uniformly in [0, this] s after Train (smaller: more of "
+                         "them in the teacher/set-up phase)")
     a = ap.parse_args(argv)
     if a.quick:
         a.timed_kills, a.trials = 3, 3
@@ -378,7 +382,7 @@ def main(argv=None) -> int:
             for case in a.cases.split(","):
                 variants = [False] + ([] if a.no_baseline else [True])
                 for base in variants:
-                    rows = _stop_case(case, a.trials, a.seed, base, work)
+                    rows = _stop_case(case, a.trials, a.seed, base, work, a.max_delay)
                     lat = [r["latency_s"] for r in rows]
                     tp = [r["latency_s"] for r in rows if r["phase"] == "teacher/setup"]
                     sp = [r["latency_s"] for r in rows if r["phase"] == "steps"]
