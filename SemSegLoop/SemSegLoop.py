@@ -82,7 +82,8 @@ class SemSegLoop(ScriptedLoadableModule):
 Human-in-the-loop semantic segmentation: name your classes, paint a few strokes of each, press
 Train. A UNet learns from the strokes in the background while you keep working; its prediction
 appears as a "SemSegLoop round N" segmentation. Copy what is right into your labels, fix what is
-wrong, and train again.
+wrong, and train again. Refine corrects the prediction from your new strokes in about a second,
+without training; Suggest lists the images or slices the model is least sure about.
 """)
         self.parent.acknowledgementText = _("""
 Built on 3D Slicer, MONAI and PyTorch.
@@ -195,6 +196,12 @@ class SemSegLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.predictButton.connect("clicked(bool)", self.onPredictButton)
         self.ui.acceptCorrectionsButton.connect("clicked(bool)", self.onAcceptCorrectionsButton)
         self.ui.predictAllButton.connect("clicked(bool)", self.onPredictAllButton)
+        self.ui.refineButton.connect("clicked(bool)", self.onRefineButton)
+        self.ui.postClassComboBox.connect("currentIndexChanged(int)", self.onPostClassChanged)
+        self.ui.applyPostprocessButton.connect("clicked(bool)", self.onApplyPostprocessButton)
+        self.ui.suggestButton.connect("clicked(bool)", self.onSuggestButton)
+        self.ui.suggestListWidget.connect("itemClicked(QListWidgetItem*)", self.onSuggestionClicked)
+        self._suggestions = []
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
         self.ui.fractionsButton.connect("clicked(bool)", self.onFractionsButton)
         self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
@@ -319,6 +326,7 @@ class SemSegLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._fillClassTable()
         self._fillPresets()
+        self._fillPostprocessing()
         self._updateButtons()
         self.ui.projectStatusLabel.text = self.logic.projectSummary()
 
@@ -380,6 +388,8 @@ class SemSegLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.fractionsButton, self.ui.compareButton):
             button.enabled = idle
         self.ui.predictButton.enabled = idle and hasVolume
+        self.ui.refineButton.enabled = idle and hasVolume
+        self.ui.suggestButton.enabled = idle
         self.ui.acceptCorrectionsButton.enabled = bool(hasVolume and self._parameterNode.predictionSegmentation)
 
     # ---------------------------------------------------------------- Input
@@ -515,6 +525,11 @@ class SemSegLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     logging.debug("automatic prediction did not start", exc_info=True)
         elif job.op == "predict" and outcome and p.inputVolume and p.inputVolume.GetID() in outcome:
             p.predictionSegmentation = outcome[p.inputVolume.GetID()]
+        elif job.op == "refine" and outcome is not None:
+            self.ui.refineStatusLabel.text = _("Refined: {n} voxels changed (shown in \"{name}\").").format(
+                n=job.result.get("changed"), name=outcome.GetName())
+        elif job.op == "suggest" and outcome is not None:
+            self._showSuggestions(outcome)
         elif job.op in ("fractions", "evaluate") and outcome is not None:
             self.logic.showTable(outcome)
         elif job.op == "export" and outcome:
@@ -548,6 +563,74 @@ class SemSegLoopWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.showStatusMessage(
                 _("Copied {n} voxels of the prediction into the labels (Undo in Paint reverts).").format(
                     n=sum(added.values())), 5000)
+
+    def onRefineButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Refine could not run."), waitCursor=True):
+            self._project()
+            self.logic.refine(p.inputVolume)
+            self._jobStarted()
+
+    def _fillPostprocessing(self) -> None:
+        from semsegloop.slicer import corrections
+        combo = self.ui.smoothingComboBox
+        if combo.count == 0:
+            for value, text in corrections.SMOOTHING_CHOICES:
+                combo.addItem(text, value)
+        names = list(self._parameterNode.classNames)
+        classCombo = self.ui.postClassComboBox
+        if [classCombo.itemText(i) for i in range(classCombo.count)] != names:
+            wasBlocked = classCombo.blockSignals(True)
+            classCombo.clear()
+            classCombo.addItems(names)
+            classCombo.blockSignals(wasBlocked)
+            self.onPostClassChanged(classCombo.currentIndex)
+
+    def onPostClassChanged(self, index) -> None:
+        """Show the stored post-processing of the chosen class (the project holds it)."""
+        from semsegloop.slicer import corrections
+        settings = self.logic.postprocessingSettings()
+        if index < 0 or settings is None:
+            return
+        form = corrections.postprocess_form(settings, index + 1)
+        self.ui.largestComponentCheckBox.checked = form["largest_component"]
+        self.ui.fillHolesCheckBox.checked = form["fill_holes"]
+        self.ui.minSizeSpinBox.value = form["min_size"]
+        self.ui.smoothingComboBox.currentIndex = max(0, self.ui.smoothingComboBox.findData(form["smoothing"]))
+        self.ui.smoothingRadiusSpinBox.value = form["smoothing_mm"]
+        self.ui.postprocessStatusLabel.text = corrections.postprocess_summary(settings, list(self._parameterNode.classNames))
+
+    def onApplyPostprocessButton(self) -> None:
+        from semsegloop.slicer import corrections
+        with slicer.util.tryWithErrorDisplay(_("Could not store the post-processing."), waitCursor=True):
+            project = self._project()
+            form = {"largest_component": self.ui.largestComponentCheckBox.checked,
+                    "fill_holes": self.ui.fillHolesCheckBox.checked,
+                    "min_size": self.ui.minSizeSpinBox.value,
+                    "smoothing": self.ui.smoothingComboBox.currentData,
+                    "smoothing_mm": self.ui.smoothingRadiusSpinBox.value}
+            settings = corrections.postprocess_update(project.postprocessing,
+                                                      [self.ui.postClassComboBox.currentIndex + 1], form)
+            stored = self.logic.setPostprocessing(settings)
+            self.ui.postprocessStatusLabel.text = corrections.postprocess_summary(stored, project.class_names)
+
+    def onSuggestButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Suggest could not run."), waitCursor=True):
+            self._project()
+            self.logic.suggest(3)
+            self._jobStarted()
+
+    def _showSuggestions(self, suggestions) -> None:
+        self._suggestions = list(suggestions)
+        self.ui.suggestListWidget.clear()
+        for text in self.logic.suggestionTexts(self._suggestions):
+            self.ui.suggestListWidget.addItem(text)
+
+    def onSuggestionClicked(self, item) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not show the suggested image.")):
+            row = self.ui.suggestListWidget.row(item)
+            volume = self.logic.showSuggestion(self._suggestions[row])
+            self._parameterNode.inputVolume = volume  # paint there next
 
     # ---------------------------------------------------------------- Finish
 
@@ -1112,6 +1195,69 @@ class SemSegLoopLogic(ScriptedLoadableModuleLogic):
         return mrml_bridge.merge_corrections(seg, mrml_bridge.ensure_class_segments(seg, project.classes),
                                              volumeNode, predicted, classes=classes)
 
+    def refine(self, volumeNode, wait=False):
+        """Correct the latest prediction of ``volumeNode`` with its current labels (strokes painted
+        since, old ones included), without training; the result is shown in (and, with
+        ``wait=True``, returned as) the "SemSegLoop round N refined" segmentation, updated in place
+        by every Refine. The strokes join the labels of the next round."""
+        from semsegloop.slicer import corrections
+        project = self._requireProject()
+        if volumeNode is None:
+            raise semsegloop.ImageReadError(_("Select the image to refine in Input."))
+        imageId = self.addVolume(volumeNode)
+        strokes = self.snapshotLabels([imageId]).get(imageId)
+        if strokes is None or not strokes.any():
+            raise semsegloop.LabelError(_("Paint correction strokes on the image first, then press Refine."))
+        client = _SharedEngine.get().client
+
+        def finished(job):
+            from semsegloop.data import imageio
+            self._refreshProject()
+            labels, _geometry = imageio.read_labels(client.output_path(job.result["output"]))
+            multiple = len(self.project.image_ids) > 1
+            name = corrections.refined_name(job.result["round"], volumeNode.GetName() if multiple else None)
+            return corrections.show_refined(slicer.mrmlScene, labels, project.classes, volumeNode, name)
+        return self._run("refine", lambda c: c.refine(imageId, strokes), finished, wait)
+
+    def setPostprocessing(self, settings) -> dict:
+        """Store the per-class clean-up of the next predictions in the project; returns it."""
+        self._requireProject()
+        result = _SharedEngine.get().quick("set_postprocessing", settings=settings)
+        self._refreshProject()
+        return result["postprocessing"]
+
+    def suggest(self, n=3, wait=False):
+        """The ``n`` images or slices the latest model is least sure about ([{image_id, slice,
+        score}], most uncertain first; with ``wait=True``)."""
+        project = self._requireProject()
+        if project.round == 0:
+            raise semsegloop.CheckpointError(_("There is no model yet: paint at least two classes and press Train."))
+        return self._run("suggest", lambda c: c.request("suggest", n=n), lambda job: job.result["suggestions"], wait)
+
+    def postprocessingSettings(self):
+        """The project's stored post-processing ({"k": options}), or None without a project."""
+        return self.project.postprocessing if self.project is not None else None
+
+    def suggestionTexts(self, suggestions) -> list:
+        from semsegloop.slicer import corrections
+        project = self._requireProject()
+        return [corrections.suggestion_text(s, project.image_info(s["image_id"])["name"], project.dims)
+                for s in suggestions]
+
+    def showSuggestion(self, suggestion):
+        """Bring the suggested image into the slice views, centred on the suggested slice."""
+        from semsegloop.slicer import corrections
+        volume = self.volumeForImage(suggestion["image_id"])
+        if volume is None:
+            self.loadProjectIntoScene()
+            volume = self.volumeForImage(suggestion["image_id"])
+        if volume is None:
+            raise semsegloop.ImageReadError(_("Image '{id}' could not be shown.").format(id=suggestion["image_id"]))
+        slicer.util.setSliceViewerLayers(background=volume, fit=True)
+        shape = tuple(self.project.image_info(suggestion["image_id"])["shape"][:3])
+        corrections.jump_to_suggestion(slicer.mrmlScene, volume, suggestion, shape)
+        return volume
+
     # ---------------------------------------------------------------- finish
 
     def exportPredictions(self, folder, fmt="nrrd", wait=False):
@@ -1259,6 +1405,13 @@ class SemSegLoopTest(ScriptedLoadableModuleTest):
         predicted = mrml_bridge.segmentation_to_labels(prediction, mrml_bridge.ensure_class_segments(prediction, project.classes), volume)
         self.assertTrue(set(np.unique(predicted)) <= {1, 2})
         np.testing.assert_array_equal(predicted[painted > 0], painted[painted > 0])  # strokes win
+
+        refined = logic.refine(volume, wait=True)   # through the engine service's refine op
+        self.assertEqual(refined.GetName(), "SemSegLoop round 1 refined")
+        refinedLabels = mrml_bridge.segmentation_to_labels(
+            refined, mrml_bridge.ensure_class_segments(refined, project.classes), volume)
+        np.testing.assert_array_equal(refinedLabels[painted > 0], painted[painted > 0])
+        self.assertEqual(logic.suggest(3, wait=True), [])   # the only image is painted
 
         added = logic.acceptCorrections(volume, prediction)
         self.assertEqual(sum(added.values()), int((painted == 0).sum()))

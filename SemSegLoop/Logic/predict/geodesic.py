@@ -20,6 +20,8 @@ import numpy as np
 
 EPS = 1e-5
 DEFAULT_ITERATIONS = 2
+# Local costs kept for all axes (9 float32 per voxel and axis) up to this size, else recomputed.
+MAX_COST_BYTES = 512 * 2**20
 
 
 def geodistk_available() -> bool:
@@ -79,19 +81,21 @@ def geodesic_distance_many(image: np.ndarray, seeds: np.ndarray, spacing, lam: f
     if not seeds.any():
         return dist
     spacing = np.asarray(spacing, dtype=np.float64)
+    axes = [a for a in range(3) if img.shape[a] > 1]
+    # The local costs of all axes are kept across iterations when they fit in memory.
+    keep = 4 * 9 * img.shape[0] * img.shape[1] * img.shape[2] * len(axes) <= MAX_COST_BYTES
+    costs = {a: _axis_costs(img, spacing, lam, a) for a in axes} if keep else {}
     for _ in range(max(int(iterations), 1)):
-        for axis in range(3):
-            if img.shape[axis] < 2:
-                continue
-            _scan_axis(img, dist, spacing, lam, axis)
+        for axis in axes:
+            cost = costs[axis] if keep else _axis_costs(img, spacing, lam, axis)
+            _scan_axis(dist, axis, cost)
     return dist
 
 
-def _scan_axis(img: np.ndarray, dist: np.ndarray, spacing: np.ndarray, lam: float,
-               axis: int) -> None:
-    """Forward then backward pass along ``axis``, updating ``dist`` (K, Z, Y, X) in place."""
+def _axis_costs(img: np.ndarray, spacing: np.ndarray, lam: float, axis: int) -> dict:
+    """{(da, db): cost}: cost[i, 1 + a, 1 + b] is the edge between (i + 1, a, b) and
+    (i, a + da, b + db) in ``img`` seen with ``axis`` first; inf outside the plane."""
     im = np.moveaxis(img, axis, 0)                 # (n, A, B, C) view
-    d = np.moveaxis(dist, axis + 1, 1)             # (K, n, A, B) view, written through
     others = [a for a in range(3) if a != axis]
     n, A, B = im.shape[:3]
     # In-plane offsets only along axes longer than one voxel (a 2D image stays 2D).
@@ -114,7 +118,13 @@ def _scan_axis(img: np.ndarray, dist: np.ndarray, spacing: np.ndarray, lam: floa
             valid[1 + max(0, -da):1 + A - max(0, da), 1 + max(0, -db):1 + B - max(0, db)] = True
             c[:, ~valid] = np.inf
         cost[(da, db)] = c
-    K = d.shape[0]
+    return cost
+
+
+def _scan_axis(dist: np.ndarray, axis: int, cost: dict) -> None:
+    """Forward then backward pass along ``axis``, updating ``dist`` (K, Z, Y, X) in place."""
+    d = np.moveaxis(dist, axis + 1, 1)             # (K, n, A, B) view, written through
+    K, n, A, B = d.shape
     pad = np.full((K, n, A + 2, B + 2), np.inf, dtype=np.float32)
     pad[:, :, 1:-1, 1:-1] = d
     tmp = np.empty((K, A, B), dtype=np.float32)

@@ -33,8 +33,9 @@ class RefineSettings:
     # Voxels whose strongest stroke pull is below this keep their current label: the
     # refinement only changes what a stroke is about.
     min_pull: float = 0.05
-    # Half-size of the region around the active strokes, in voxels of the finest axis.
-    margin: int = 48
+    # Half-size of the region around the active strokes, in voxels of the finest axis: about
+    # where the pull of a stroke in a uniform region falls below min_pull (reach * ln 20).
+    margin: int = 40
     method: str = "auto"
 
 
