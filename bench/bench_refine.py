@@ -88,17 +88,21 @@ def new_project(case, workdir: Path, name: str, indices):
 
 
 # ------------------------------------------------------------------------------ Refine
-def refine_case(case, args, workdir: Path) -> dict:
-    from semsegloop.measure.simulate import simulate_correction
-
-    targets = case.paint[: args.targets]
-    context = [case.predict[j] for j in datasets.spread(len(case.predict), args.context)]
-    proj, ids = new_project(case, workdir, "refine", case.paint + context)
+def first_round(case, args, workdir: Path, indices, name: str):
+    """A project holding ``indices`` with the usual strokes on the painted images, round 1 done."""
+    proj, ids = new_project(case, workdir, name, indices)
     strokes = {i: make_strokes(case, i, args) for i in case.paint}
     for i in case.paint:
         proj.set_labels(ids[i], strokes[i])
     log(f"{case.key}: round 1, {args.train_steps} steps")
     proj.train(steps=args.train_steps, device=args.device, seed=args.seed)
+    return proj, ids, strokes
+
+
+def refine_case(case, args, proj, ids, strokes) -> dict:
+    from semsegloop.measure.simulate import simulate_correction
+
+    targets = case.paint[: args.targets]
     K = case.n_classes
     rows = []
     for i in targets:
@@ -192,34 +196,32 @@ def speed(args) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ Suggest
-def suggest_case(case, args, workdir: Path) -> dict:
+def copy_project(proj, dst: Path):
     from semsegloop import Project
 
-    n_img = len(case.samples)
-    indices = list(range(n_img))
-    proj, ids = new_project(case, workdir, "suggest_a", indices)
-    for i in case.paint:
-        proj.set_labels(ids[i], make_strokes(case, i, args))
-    log(f"{case.key}: suggest round 1, {args.train_steps} steps")
-    proj.train(steps=args.train_steps, device=args.device, seed=args.seed)
-    shutil.copytree(proj.path, workdir / f"{case.key}_suggest_b",
-                    ignore=shutil.ignore_patterns("project.lock"))
-    other = Project.open(workdir / f"{case.key}_suggest_b")
+    shutil.copytree(proj.path, dst, ignore=shutil.ignore_patterns("project.lock"))
+    return Project.open(dst)
+
+
+def suggest_case(case, args, arms: dict, ids) -> dict:
+    """``arms``: {"suggest": project, "spread": project}, copies of one project after round 1."""
+    proj = arms["suggest"]
     by_id = {v: k for k, v in ids.items()}
     t0 = time.perf_counter()
     suggested = proj.suggest(3, device=args.device)
     suggest_s = time.perf_counter() - t0
-    chosen_a = [by_id[s["image_id"]] for s in suggested]
-    unpainted = [i for i in indices if i not in case.paint]
-    chosen_b = [unpainted[j] for j in datasets.spread(len(unpainted), 3)]
-    rest = [i for i in unpainted if i not in chosen_a and i not in chosen_b]
-    result = {"case": case.key, "suggested": [case.samples[i].name for i in chosen_a],
-              "scores": [s["score"] for s in suggested], "spread": [case.samples[i].name for i in chosen_b],
+    chosen = {"suggest": [by_id[s["image_id"]] for s in suggested]}
+    unpainted = [i for i in ids if i not in case.paint]
+    chosen["spread"] = [unpainted[j] for j in datasets.spread(len(unpainted), 3)]
+    rest = [i for i in unpainted if i not in chosen["suggest"] and i not in chosen["spread"]]
+    result = {"case": case.key, "suggested": [case.samples[i].name for i in chosen["suggest"]],
+              "scores": [s["score"] for s in suggested],
+              "spread": [case.samples[i].name for i in chosen["spread"]],
               "suggest_s": suggest_s, "rest": len(rest)}
-    for name, p, chosen in (("suggest", proj, chosen_a), ("spread", other, chosen_b)):
-        for i in chosen:
+    for name, p in arms.items():
+        for i in chosen[name]:
             p.set_labels(ids[i], make_strokes(case, i, args))
-        log(f"{case.key}: round 2 with {name}ed images, {args.train_steps} steps")
+        log(f"{case.key}: round 2 with the {name} images, {args.train_steps} steps")
         p.train(steps=args.train_steps, device=args.device, seed=args.seed)
         scores = [dice(p.predict(ids[i], device=args.device, save=False), case.samples[i].reference,
                        case.n_classes) for i in rest]
@@ -260,11 +262,11 @@ def print_report(report: dict) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--refine-cases", default="isbi,nuclei,hippocampus")
-    p.add_argument("--suggest-cases", default="isbi,hippocampus")
+    p.add_argument("--refine-cases", default="isbi,hippocampus")
+    p.add_argument("--suggest-cases", default="isbi")
     # Steps, not seconds: the machine is shared, and a time budget would give a model whose
     # quality depends on the other sessions' load (60 s on two free cores is ~120-170 steps).
-    p.add_argument("--train-steps", type=int, default=60)
+    p.add_argument("--train-steps", type=int, default=30)
     p.add_argument("--clicks", type=int, default=5)
     p.add_argument("--targets", type=int, default=2, help="painted images refined per case")
     p.add_argument("--context", type=int, default=3, help="unpainted images in the refine project")
@@ -294,21 +296,27 @@ def main(argv=None) -> int:
         report["speed"] = speed(args)
     workdir = Path(tempfile.mkdtemp(prefix="semsegloop_refine_"))
     try:
-        for key in args.refine_cases + [f"suggest:{k}" for k in args.suggest_cases]:
-            name = key.split(":")[-1]
+        for key in dict.fromkeys(args.refine_cases + args.suggest_cases):
             try:
-                if key == "suggest:hippocampus":   # enough unpainted volumes to compare on
-                    case = datasets.load_hippocampus(args.data, n_paint=2, n_unseen=10)
-                else:
-                    case = datasets.load(name, args.data, quick=name == "hippocampus")
+                case = datasets.load(key, args.data, quick=key == "hippocampus")
             except FileNotFoundError as e:
                 report["skipped"].append(f"{key}: {e}")
                 print(f"{key}: skipped ({e})")
                 continue
-            if key.startswith("suggest:"):
-                report["suggest"].append(suggest_case(case, args, workdir))
+            # Suggest needs the whole collection; Refine only the painted images and some context.
+            if key in args.suggest_cases:
+                indices = list(range(len(case.samples)))
             else:
-                report["refine"].append(refine_case(case, args, workdir))
+                indices = case.paint + [case.predict[j] for j in datasets.spread(len(case.predict), args.context)]
+            proj, ids, strokes = first_round(case, args, workdir, indices, "main")
+            arms = {}
+            if key in args.suggest_cases:   # copies of round 1, before Refine adds clicks
+                arms = {"suggest": copy_project(proj, workdir / f"{key}_suggest"),
+                        "spread": copy_project(proj, workdir / f"{key}_spread")}
+            if key in args.refine_cases:
+                report["refine"].append(refine_case(case, args, proj, ids, strokes))
+            if arms:
+                report["suggest"].append(suggest_case(case, args, arms, ids))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     settings["total_s"] = time.perf_counter() - t_all
