@@ -230,13 +230,13 @@ def test_damaged_latest_checkpoint_is_named_and_the_previous_round_still_works(t
         again.predict(image_id)
     assert "round=1" in str(info.value) and ".;" not in str(info.value)
     pred = again.predict(image_id, round=1, save=False)
-    assert pred.shape == (1, 64, 64) and pred.min() >= 1
+    assert pred.shape == (64, 64) and pred.min() >= 1
 
     # Training again warm-starts from the intact round 1, not from the damaged round 2.
     res = again.train(steps=2, device="cpu")
     assert res.round == 3
     assert again.rounds[-1]["warm_start"] == "checkpoints/round_001"
-    assert again.predict(image_id, save=False).shape == (1, 64, 64)
+    assert again.predict(image_id, save=False).shape == (64, 64)
 
 
 def test_checkpoint_with_a_flipped_byte_is_detected(tmp_path, tiny_models):
@@ -284,7 +284,7 @@ def test_cancel_in_the_middle_of_a_step_keeps_the_weights_of_the_last_whole_step
     assert len([r for r in proj.training_log() if r.get("event") == "step"]) == 1
     again = semsegloop.Project.open(tmp_path / "p", read_only=True)
     assert again.round == 1 and again.rounds[0]["cancelled"] is True
-    assert again.predict(image_id, save=False).shape == (1, 64, 64)
+    assert again.predict(image_id, save=False).shape == (64, 64)
 
 
 # ------------------------------------------------------------------------------ disk full
@@ -301,7 +301,7 @@ def test_disk_full_while_saving_labels_keeps_the_old_labels_and_project(tmp_path
     old_json = (tmp_path / "p" / "project.json").read_bytes()
 
     new = old_labels.copy()
-    new[0, 20:30, 20:30] = 2
+    new[20:30, 20:30] = 2
     monkeypatch.setattr(semsegloop.data.atomic.os, "replace", _disk_full)
     with pytest.raises((OSError, SemSegLoopError)) as info:
         proj.set_labels(image_id, new)

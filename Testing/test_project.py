@@ -157,7 +157,7 @@ def test_images_of_different_sizes_train_together_and_predict_on_their_own_grids
     assert sorted(proj.rounds[0]["images"]) == sorted([a, b])
     assert res.steps == 3
     pa, pb = proj.predict(a), proj.predict(b)
-    assert pa.shape == (1, 48, 48) and pb.shape == (1, 64, 56)
+    assert pa.shape == (48, 48) and pb.shape == (64, 56)  # added as (Y, X): (Y, X) back
     assert pa.dtype == np.uint8 and pb.dtype == np.uint8
 
 
@@ -217,7 +217,9 @@ def test_labels_round_trip_in_both_accepted_shapes_and_survive_reopening(tmp_pat
     proj = semsegloop.Project.create(tmp_path / "p", ["a", "b", "c"], dims=2)
     single = proj.add_image(np.zeros((20, 30), np.uint8) + 7)
     stack = proj.add_image(np.zeros((3, 20, 30), np.uint8) + 7)
-    assert proj.labels(single).shape == (1, 20, 30) and not proj.labels(single).any()
+    # An image added as a (Y, X) array gets (Y, X) labels back; a stack gets (S, Y, X).
+    assert proj.labels(single).shape == (20, 30) and not proj.labels(single).any()
+    assert proj.labels(stack).shape == (3, 20, 30)
 
     lab2d = np.zeros((20, 30), np.uint8)
     lab2d[2:5, 3:9] = 1
@@ -230,8 +232,8 @@ def test_labels_round_trip_in_both_accepted_shapes_and_survive_reopening(tmp_pat
 
     again = semsegloop.Project.open(tmp_path / "p", read_only=True)
     got = again.labels(single)
-    assert got.dtype == np.uint8 and got.shape == (1, 20, 30)
-    np.testing.assert_array_equal(got[0], lab2d)
+    assert got.dtype == np.uint8 and got.shape == (20, 30)
+    np.testing.assert_array_equal(got, lab2d)
     np.testing.assert_array_equal(again.labels(stack), lab3.astype(np.uint8))
     assert again.image_info(single)["labeled_pixels"] == {"1": 18, "3": 30}
     assert again.image_info(stack)["labeled_pixels"] == {"1": 1, "2": 4}
@@ -247,7 +249,7 @@ def test_paint_two_classes_train_predict_gives_uint8_labels_1_to_K_on_the_image_
     assert proj.round == 1
     labels = proj.predict(image_id, save=False)
     assert labels.dtype == np.uint8
-    assert labels.shape == (1, 64, 64)
+    assert labels.shape == (64, 64)  # added as (Y, X)
     assert labels.min() >= 1 and labels.max() <= 2
     assert set(np.unique(labels)) == {1, 2}
 
@@ -257,7 +259,7 @@ def test_predict_proba_is_float16_per_class_and_sums_to_one(trained):
     proj = semsegloop.Project.open(path, read_only=True)
     probs = proj.predict_proba(image_id)
     assert probs.dtype == np.float16
-    assert probs.shape == (2, 1, 64, 64)
+    assert probs.shape == (2, 64, 64)
     assert probs.min() >= 0 and probs.max() <= 1
     np.testing.assert_allclose(probs.astype(np.float32).sum(axis=0), 1.0, atol=5e-3)
     # The label map is the argmax of these probabilities (away from painted pixels).
@@ -277,7 +279,7 @@ def test_predict_full_entropy_lies_in_unit_range_and_matches_the_probabilities(t
     np.testing.assert_allclose(ent.astype(np.float32), np.clip(expected, 0, 1), atol=2e-2)
     # A trained model is sure where it was taught: in the square's middle and on the strokes.
     assert float(ent[0, 30:34, 30:34].mean()) < 0.5
-    painted = proj.labels(image_id) > 0
+    painted = proj.labels(image_id)[None] > 0  # labels (Y, X); predict_full (S, Y, X)
     assert float(ent[painted].astype(np.float32).mean()) < 0.5
 
 
@@ -295,10 +297,10 @@ def test_painted_pixels_keep_their_class_in_the_prediction(trained, tmp_path):
     # A correction painted after training, in the dark margin the model calls background:
     # the person's strokes must win over the network.
     lab = proj.labels(image_id)
-    lab[0, 56:60, 56:60] = 1
+    lab[56:60, 56:60] = 1
     proj.set_labels(image_id, lab)
     raw = proj.predict(image_id, save=False, keep_strokes=False)
-    assert (raw[0, 56:60, 56:60] == 2).all(), "the model should call the margin background"
+    assert (raw[56:60, 56:60] == 2).all(), "the model should call the margin background"
     kept = proj.predict(image_id, save=False)
     painted = lab > 0
     np.testing.assert_array_equal(kept[painted], lab[painted])
@@ -318,9 +320,9 @@ def test_predict_saves_label_nrrd_tiff_and_uncertainty_without_touching_the_labe
     assert (d / f"{image_id}.tif").is_file()
     assert (d / f"{image_id}_uncertainty.nrrd").is_file()
     saved, geom = imageio.read_labels(d / f"{image_id}.nrrd")
-    np.testing.assert_array_equal(saved, labels)
+    np.testing.assert_array_equal(saved[0], labels)  # the file is (S, Y, X)
     assert geom.matches(proj.geometry(image_id))
-    np.testing.assert_array_equal(tifffile.imread(d / f"{image_id}.tif"), labels[0])
+    np.testing.assert_array_equal(tifffile.imread(d / f"{image_id}.tif"), labels)
     unc = imageio.read_image(d / f"{image_id}_uncertainty.nrrd").array
     assert unc.shape == (1, 64, 64, 1) and 0 <= unc.min() and unc.max() <= 1
     np.testing.assert_array_equal(proj.saved_prediction(image_id), labels)
@@ -390,7 +392,7 @@ def test_export_writes_the_latest_predictions(trained, tmp_path, fmt, suffix):
     files = proj.export(tmp_path / "export", fmt=fmt)
     assert files == [tmp_path / "export" / f"{image_id}.{suffix}"]
     got, _ = imageio.read_labels(files[0])
-    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got[0], expected)  # files are (S, Y, X)
 
 
 # ------------------------------------------------------------------------------ rounds / progress
@@ -409,7 +411,7 @@ def test_second_round_warm_starts_from_the_first_and_starts_at_a_lower_loss(trai
     # Both rounds' models are kept and loadable.
     for rnd in (1, 2):
         assert (tmp_path / "copy" / "checkpoints" / f"round_{rnd:03d}.safetensors").is_file()
-        assert proj.predict(image_id, round=rnd, save=False).shape == (1, 64, 64)
+        assert proj.predict(image_id, round=rnd, save=False).shape == (64, 64)
 
 
 def test_a_class_added_after_round_one_is_learnt_in_round_two_from_a_warm_start(trained, tmp_path, tiny_models):
@@ -417,7 +419,7 @@ def test_a_class_added_after_round_one_is_learnt_in_round_two_from_a_warm_start(
     proj = copy_project(path, tmp_path / "copy")
     proj.set_classes(proj.classes + [{"name": "rim", "color": [255, 255, 0]}])
     lab = proj.labels(image_id)
-    lab[0, 16, 20:44] = 3
+    lab[16, 20:44] = 3
     proj.set_labels(image_id, lab)
     res = proj.train(steps=2, device="cpu")
     assert res.round == 2

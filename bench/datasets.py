@@ -20,7 +20,13 @@ FOLDERS = {
     "nuclei": "miccai2015_he_nuclei_2d",
     "drosophila": "drosophila_vnc_sstem_5class",
     "hippocampus": "msd_task04_hippocampus_mri",
+    "hippo3d": "msd_task04_hippocampus_mri",
+    "brain1": "pyradiomics_mri_lesions_3d",
+    "ctorgans": "totalsegmentator_example_ct_3d",
 }
+# Volumes are painted on this many axial slices (spread over the slices that show every class)
+# and scored on all their voxels the person did not paint.
+AXIAL_SLICES = 5
 
 
 @dataclass
@@ -40,6 +46,8 @@ class Case:
     paint: list[int]           # indices into samples that get strokes
     predict: list[int]         # unseen indices, scored
     notes: list[str] = field(default_factory=list)
+    # True for volume cases: the painted volumes are the scored ones (on unpainted voxels).
+    score_painted: bool = False
 
     @property
     def n_classes(self) -> int:
@@ -161,11 +169,83 @@ def load_hippocampus(data: Path = DEFAULT_DATA, n_paint: int = 4, n_unseen: int 
                 [i for i in range(len(samples)) if i not in paint])
 
 
+def _volume(path: Path, name: str):
+    from semsegloop.data.imageio import read_image
+
+    return read_image(path)
+
+
+def load_hippo3d(data: Path = DEFAULT_DATA, n_cases: int = 3) -> Case:
+    """MSD hippocampus: a few whole cases in one project, each painted on AXIAL_SLICES axial
+    slices and scored on its whole volume."""
+    import SimpleITK as sitk
+
+    folder = require(data, "hippo3d")
+    names = sorted(p.name for p in (folder / "imagesTr").glob("*.nii.gz"))
+    samples = []
+    for name in [names[i] for i in spread(len(names), n_cases)]:
+        image = _volume(folder / "imagesTr" / name, name)
+        lab = np.rint(sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / name))))
+        samples.append(Sample(name.replace(".nii.gz", ""), image, lab.astype(np.uint8) + 1))
+    idx = list(range(len(samples)))
+    return Case("hippo3d", "MSD hippocampus MRI, whole cases (3D)", 3,
+                ["background", "anterior", "posterior"], samples, idx, idx, score_painted=True)
+
+
+def load_brain1(data: Path = DEFAULT_DATA) -> Case:
+    """pyradiomics brain1: T1 MRI 256x256x25 at 0.78x0.78x6.5 mm, lesion ROI vs background."""
+    import nrrd
+
+    folder = require(data, "brain1")
+    image = _volume(folder / "brain1_image.nrrd", "brain1")
+    from semsegloop.data.imageio import read_labels
+
+    lab, _ = read_labels(folder / "brain1_label.nrrd")
+    if lab.shape != image.array.shape[:3]:
+        raise ValueError(f"brain1: label {lab.shape} vs image {image.array.shape}")
+    del nrrd
+    ref = np.where(lab > 0, 2, 1).astype(np.uint8)
+    return Case("brain1", "pyradiomics brain1 lesion MRI (3D, anisotropic)", 3,
+                ["background", "lesion"], [Sample("brain1", image, ref)], [0], [0],
+                score_painted=True)
+
+
+CT_ORGANS = 6  # the largest structures of the example segmentation, plus background
+
+
+def load_ctorgans(data: Path = DEFAULT_DATA) -> Case:
+    """TotalSegmentator example CT (122x101x30, 3 mm): its CT_ORGANS largest structures
+    (liver, colon, spleen, the two autochthonous muscles, stomach) + background (the rest)."""
+    import SimpleITK as sitk
+
+    folder = require(data, "ctorgans")
+    image = _volume(folder / "example_ct_sm.nii.gz", "example_ct")
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "example_seg.nii.gz"))).astype(np.int64)
+    if seg.shape != image.array.shape[:3]:
+        raise ValueError(f"example_seg {seg.shape} vs image {image.array.shape}")
+    ids, counts = np.unique(seg[seg > 0], return_counts=True)
+    top = ids[np.argsort(-counts, kind="stable")[:CT_ORGANS]]
+    names_all = {}
+    for line in (folder / "LABELS.txt").read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0].isdigit():
+            names_all.setdefault(int(parts[0]), parts[1])
+    ref = np.ones(seg.shape, np.uint8)
+    for n, i in enumerate(top):
+        ref[seg == i] = n + 2
+    return Case("ctorgans", f"TotalSegmentator example CT, {CT_ORGANS} largest organs (3D)", 3,
+                ["background"] + [names_all.get(int(i), f"label{i}") for i in top],
+                [Sample("example_ct", image, ref)], [0], [0], score_painted=True)
+
+
 LOADERS = {
     "isbi": load_isbi,
     "nuclei": load_nuclei,
     "drosophila": load_drosophila,
     "hippocampus": load_hippocampus,
+    "hippo3d": load_hippo3d,
+    "brain1": load_brain1,
+    "ctorgans": load_ctorgans,
 }
 
 
@@ -175,4 +255,8 @@ def load(key: str, data: Path = DEFAULT_DATA, quick: bool = False) -> Case:
         raise KeyError(f"unknown case {key!r}; choose from {', '.join(LOADERS)}")
     if key == "hippocampus":
         return load_hippocampus(data, n_paint=2 if quick else 4, n_unseen=4 if quick else 20)
+    if key == "hippo3d":
+        return load_hippo3d(data, n_cases=2 if quick else 3)
+    if key in ("brain1", "ctorgans"):
+        return LOADERS[key](data)
     return LOADERS[key](data, max_unseen=3 if quick else None)

@@ -53,6 +53,7 @@ class Project:
         self._meta = meta
         self._image_cache: dict[str, ImageData] = {}
         self._model = None          # (round, plan, torch module) of the loaded model
+        self._teacher = None        # (round, Teacher, fusion record) of the loaded round
         self._lock = threading.RLock()
         self._read_only = read_only
         self._folder_lock: folder_lock.FolderLock | None = None
@@ -315,9 +316,14 @@ class Project:
             from semsegloop.data.normalization import detect_normalization
             self._meta["normalization"] = detect_normalization(image, dims=self.dims)
         image_id = self._new_id(name)
+        added_2d = (not isinstance(source, (ImageData, str, os.PathLike)) and self.dims == 2
+                    and np.ndim(source) in (2, 3) and image.array.shape[0] == 1
+                    and np.shape(source)[:2] == image.array.shape[1:3])
         entry = {"id": image_id, "name": name, "shape": list(image.array.shape),
                  "dtype": str(image.array.dtype), "geometry": image.geometry.to_json(),
                  "source": image.source, "added": _now()}
+        if added_2d:
+            entry["added_2d"] = True
         if copy or image.source is None:
             rel = f"images/{image_id}.nrrd"
             imageio.write_image(self.path / rel, image)
@@ -412,6 +418,10 @@ class Project:
         return arr
 
     def labels(self, image_id: str) -> np.ndarray:
+        """The painted labels, (S, Y, X) uint8 ((Y, X) for an image added as a (Y, X) array)."""
+        return self._as_added(image_id, self._labels3(image_id))
+
+    def _labels3(self, image_id: str) -> np.ndarray:
         entry = self._entry(image_id)
         p = self._labels_path(image_id)
         if not p.exists():
@@ -464,7 +474,7 @@ class Project:
         with self._train_lock, self._lock:
             t_start = _time.perf_counter()  # waiting for another round is not this one's budget
             ids = image_ids or self.labeled_image_ids()
-            data = [(i, self.labels(i)) for i in ids]
+            data = [(i, self._labels3(i)) for i in ids]
             data = [(i, lab) for i, lab in data if lab.any()]
             if not data:
                 raise LabelError("no labels painted yet: paint strokes of at least two classes "
@@ -490,13 +500,23 @@ class Project:
                 others = [others[j] for j in _spread(len(others), MAX_PSEUDO_ONLY_IMAGES)]
                 data = data + [(i, np.zeros(tuple(self._entry(i)["shape"][:3]), np.uint8))
                                for i in others]
-            images = [RoundImage(i, normalize(self.image(i).array, norm), lab) for i, lab in data]
+            before = self._round_strokes()
+            from semsegloop.learn.teacher import teacher_input
+            images = [RoundImage(i, normalize(self.image(i).array, norm), lab,
+                                 before.get(i) if before is not None else None,
+                                 teacher_input(self.image(i).array, norm) if use_teacher else None)
+                      for i, lab in data]
+            if before is not None:  # an image painted for the first time: all its strokes are new
+                for im in images:
+                    if im.previous is None:
+                        im.previous = np.zeros(im.labels.shape, bool)
             round_index = self.round + 1
             settings = RoundSettings(
                 n_classes=self.n_classes, dims=self.dims, channels=self.channels,
                 spacing=self.geometry(data[0][0]).spacing, preset=pre, round_index=round_index,
                 time_budget_s=time_budget_s, steps=steps, device=device, seed=seed,
-                pairwise_weight=pairwise_weight, use_teacher=use_teacher)
+                pairwise_weight=pairwise_weight, use_teacher=use_teacher,
+                class_names=self.class_names)
             validator = None
             if reference:
                 validator = lambda model, plan, dev: self._validator(model, plan, dev, reference)
@@ -519,17 +539,29 @@ class Project:
                         "seconds": round(seconds, 3), "final_loss": last_loss}
                 save_checkpoint(self.path / "checkpoints", name, model.state_dict(), meta)
                 ckpt = f"checkpoints/{name}"
+                fusion = out.extra.get("fusion") or {"weight": 1.0}
+                teacher_ckpt = None
+                if out.extra.get("teacher") is not None:
+                    from semsegloop.learn.teacher import save_teacher
+                    save_teacher(self.path / "checkpoints", f"{name}_teacher", out.extra["teacher"],
+                                 {im.image_id: im.labels for im in images if im.labels.any()},
+                                 fusion)
+                    teacher_ckpt = f"checkpoints/{name}_teacher"
+                    self._teacher = (round_index, out.extra["teacher"], fusion,
+                                     {im.image_id: im.labels for im in images if im.labels.any()})
                 self._meta["rounds"].append({
                     "round": round_index, "finished": _now(), "preset": preset_name,
                     "steps": n_steps, "seconds": round(seconds, 3), "final_loss": last_loss,
                     "cancelled": cancelled, "checkpoint": ckpt, "device": str(device_t),
                     "warm_start": out.warm_start, "images": ids, "val_dice": val,
-                    "labeled_pixels": _counts_total(data, self.n_classes)})
+                    "labeled_pixels": _counts_total(data, self.n_classes),
+                    "teacher": teacher_ckpt, "fusion": fusion})
                 self.save()
                 self._model = (round_index, plan, model)
             result = tr.TrainResult(round=round_index if n_steps else self.round, steps=n_steps,
                                     seconds=seconds, final_loss=last_loss, cancelled=cancelled,
-                                    checkpoint=ckpt, device=str(device_t), val_dice=val)
+                                    checkpoint=ckpt, device=str(device_t), val_dice=val,
+                                    estimate=(out.extra.get("fusion") or {}).get("estimate"))
             logf({"event": "train_end", "round": round_index, "steps": n_steps,
                   "seconds": round(seconds, 3), "cancelled": cancelled, "checkpoint": ckpt})
             if progress is not None:
@@ -564,6 +596,44 @@ class Project:
             model.load_state_dict(usable, strict=False)
             return r["checkpoint"]
         return None
+
+    def _round_strokes(self) -> dict | None:
+        """{image id: bool mask painted at the latest trained round}, None before round 1 or
+        when that round kept no teacher (the next round then treats no stroke as new)."""
+        try:
+            got = self.load_teacher()
+        except CheckpointError as e:
+            log.warning("strokes of the last round unreadable (%s): no stroke counts as new", e)
+            return None
+        return None if got is None else {i: lab > 0 for i, lab in got[2].items()}
+
+    def load_teacher(self, round: int | None = None):
+        """(Teacher, fusion record, {image id: stroke mask}) of ``round`` (default the latest),
+        or None when that round has no teacher (trained without pseudo-labels)."""
+        from semsegloop.learn import training as tr
+        from semsegloop.learn.teacher import load_teacher
+
+        done = [r for r in self._meta["rounds"] if r.get("checkpoint")]
+        if round is not None:
+            done = [r for r in done if r["round"] == round]
+        if not done or not done[-1].get("teacher"):
+            return None
+        entry = done[-1]
+        d, name = self._ckpt_location(entry["teacher"])
+        teacher, fusion, strokes = load_teacher(d, name, n_jobs=tr.cpu_threads())
+        return teacher, fusion, strokes
+
+    def _fusion_for(self, round_index: int, image_id: str) -> dict:
+        """What predict_fused needs besides the network for ``round_index``: its teacher, the
+        fusion record and, for an image painted in that round, its strokes."""
+        entry = next((r for r in self._meta["rounds"] if r["round"] == round_index), {})
+        if not entry.get("teacher"):
+            return {"teacher": None, "fusion": {"weight": 1.0}, "seeds": None}
+        if self._teacher is None or self._teacher[0] != round_index:
+            self._teacher = (round_index,) + tuple(self.load_teacher(round_index))
+        _, teacher, fusion, strokes = self._teacher
+        return {"teacher": teacher, "fusion": entry.get("fusion") or fusion,
+                "seeds": strokes.get(image_id)}
 
     def _ckpt_location(self, rel: str) -> tuple[Path, str]:
         p = self.path / rel
@@ -673,7 +743,8 @@ class Project:
 
     def predict_full(self, image_id: str, device: str = "auto", round: int | None = None,
                      save: bool | None = None, keep_strokes: bool = True, cancel: Any = None,
-                     progress: Callable[[float], None] | None = None, postprocess: bool = True):
+                     progress: Callable[[float], None] | None = None, postprocess: bool = True,
+                     component: str = "fused", keep_probabilities: bool = True):
         """Prediction of one image: .labels (S,Y,X) uint8 1..K, .probabilities (K,S,Y,X) float16,
         .entropy (S,Y,X) float16 in [0, 1].
 
@@ -683,13 +754,18 @@ class Project:
         opened read-only) writes
         predictions/round_NNN/<id>.nrrd (and a TIFF for 2D) plus the uncertainty map; the labels
         file is never touched.
+        The network's probabilities are fused with the round's teacher forest (and, on images
+        painted in that round, grow-from-seeds) by the weights the round chose on held-out
+        strokes; ``component`` "network", "teacher" or "seeded" gives one model alone (for
+        comparisons). ``keep_probabilities=False`` keeps only labels and entropy (bounded memory
+        for many classes; .probabilities is then None).
         """
         if save is None:
             save = not self._read_only
         elif save:
             self._check_writable(f"save the prediction of image '{image_id}'")
         from semsegloop.learn import training as tr
-        from semsegloop.predict.sliding_window import predict_image
+        from semsegloop.predict.fused import predict_fused
         from semsegloop.data.normalization import normalize
 
         with self._lock:
@@ -700,13 +776,22 @@ class Project:
                                     f"of round {r} expects {plan.in_channels}")
             x = normalize(image.array, self._meta["normalization"])
             device_t = next(model.parameters()).device
+            parts = self._fusion_for(r, image_id)
+            raw = None
+            if parts["teacher"] is not None and component != "network":
+                from semsegloop.learn.teacher import teacher_input
+                raw = teacher_input(image.array, self._meta["normalization"])
             try:
-                pred = predict_image(model, x, plan, device_t, plan.out_channels,
-                                     cancel=tr.cancel_checker(cancel), progress=progress)
+                pred = predict_fused(model, parts["teacher"], parts["fusion"], x, plan, device_t,
+                                     plan.out_channels, cancel=tr.cancel_checker(cancel),
+                                     progress=progress, component=component,
+                                     keep_probabilities=keep_probabilities, seeds=parts["seeds"],
+                                     spacing=self.geometry(image_id).spacing,
+                                     teacher_image=raw)
             except InterruptedError:
                 raise TrainingError(f"prediction of '{image_id}' was cancelled") from None
-            del x
-            lab = self.labels(image_id) if keep_strokes or postprocess else None
+            del x, raw
+            lab = self._labels3(image_id) if keep_strokes or postprocess else None
             if keep_strokes:
                 painted = lab > 0
                 if painted.any():
@@ -723,13 +808,23 @@ class Project:
 
     def predict(self, image_id: str, device: str = "auto", save: bool | None = None,
                 **kw) -> np.ndarray:
-        """Label map (S, Y, X) uint8 with values 1..K, on the image's grid."""
-        return self.predict_full(image_id, device=device, save=save, **kw).labels
+        """Label map (S, Y, X) uint8 with values 1..K, on the image's grid ((Y, X) for an
+        image added as a (Y, X) or (Y, X, C) array)."""
+        return self._as_added(image_id, self.predict_full(image_id, device=device, save=save,
+                                                          **kw).labels)
 
     def predict_proba(self, image_id: str, device: str = "auto", **kw) -> np.ndarray:
-        """Per-class probabilities (K, S, Y, X) float16."""
+        """Per-class probabilities (K, S, Y, X) float16 ((K, Y, X) for a (Y, X) image)."""
         kw.setdefault("save", False)
-        return self.predict_full(image_id, device=device, **kw).probabilities
+        p = self.predict_full(image_id, device=device, **kw).probabilities
+        return p[:, 0] if self._added_2d(image_id) else p
+
+    def _added_2d(self, image_id: str) -> bool:
+        return bool(self._entry(image_id).get("added_2d"))
+
+    def _as_added(self, image_id: str, arr: np.ndarray) -> np.ndarray:
+        """(S, Y, X) -> (Y, X) for an image that was added as a single 2D array."""
+        return arr[0] if self._added_2d(image_id) and arr.ndim == 3 else arr
 
     def _save_prediction(self, image_id: str, round_index: int, pred) -> None:
         d = self.path / "predictions" / f"round_{round_index:03d}"
@@ -745,6 +840,11 @@ class Project:
         return p if p.exists() else None
 
     def saved_prediction(self, image_id: str, round: int | None = None) -> np.ndarray | None:
+        """The saved label map of ``round`` (shaped as predict() returns it), or None."""
+        got = self._saved3(image_id, round)
+        return None if got is None else self._as_added(image_id, got)
+
+    def _saved3(self, image_id: str, round: int | None = None) -> np.ndarray | None:
         p = self.prediction_path(image_id, round)
         return imageio.read_labels(p)[0] if p else None
 
@@ -783,7 +883,7 @@ class Project:
         with self._lock:
             entry = self._entry(image_id)
             r = self.round
-            saved = self.saved_prediction(image_id) if r else None
+            saved = self._saved3(image_id) if r else None
             if saved is None:
                 raise ProjectError(f"image '{image_id}' has no prediction of round {r} yet: "
                                    f"{'train and ' if not r else ''}predict it before refining")
@@ -800,7 +900,7 @@ class Project:
                 self._recent[image_id] = (r, pred)
                 cached = self._recent[image_id]
             probs = cached[1].probabilities
-            labels = self.labels(image_id)
+            labels = self._labels3(image_id)
             labels[arr > 0] = arr[arr > 0]
             current = self.refined_prediction(image_id)
             current = saved if current is None else current
@@ -844,7 +944,7 @@ class Project:
         if self.round == 0:
             raise CheckpointError(f"project '{self.path}' has no trained model yet; train first")
         ids = image_ids or self.image_ids
-        painted = {i for i in ids if self.labels(i).any()}
+        painted = {i for i in ids if self._labels3(i).any()}
         if by == "auto":
             by = "image" if self.dims == 2 or (len(ids) > 1 and painted != set(ids)) else "slice"
         candidates, taken = [], {}
@@ -852,14 +952,14 @@ class Project:
             if by == "image" and self.dims == 3 and i in painted:
                 continue
             ent = self._uncertainty(i, device)
-            lab = self.labels(i)
+            lab = self._labels3(i)
             if by == "image" and self.dims == 3:
                 candidates += sg.image_scores({i: ent})
             else:
                 candidates += sg.slice_scores(i, ent, lab)
                 taken[i] = set(np.flatnonzero(lab.reshape(lab.shape[0], -1).any(axis=1)).tolist())
         # 2D images are independent; slices of a volume are spread out.
-        gap = 0 if by == "image" else max(1, max(len(self.labels(i)) for i in ids) // (4 * n))
+        gap = 0 if by == "image" else max(1, max(len(self._labels3(i)) for i in ids) // (4 * n))
         best = sg.top(candidates, n, min_gap=gap, painted=taken if gap else None)
         if self.dims == 2:
             for c in best:  # a single 2D image is the image, not slice 0 of it
@@ -873,6 +973,9 @@ class Project:
             shape = tuple(self._entry(image_id)["shape"][:3])
             return imageio.read_image(p).array[..., 0].reshape(shape)
         return self.predict_full(image_id, device=device).entropy
+
+    def _predict3(self, image_id: str) -> np.ndarray:
+        return self.predict_full(image_id, keep_probabilities=False).labels
 
     # ---------------------------------------------------------------- measuring
     def evaluate(self, references: dict, predict_missing: bool = True) -> dict:
@@ -888,11 +991,11 @@ class Project:
         # Every reference is checked before the first image is predicted.
         references = {i: self._check_reference(i, r) for i, r in references.items()}
         for image_id, ref in references.items():
-            pred = self.saved_prediction(image_id)
+            pred = self._saved3(image_id)
             if pred is None:
                 if not predict_missing:
                     raise ProjectError(f"image '{image_id}' has no prediction for round {self.round}")
-                pred = self.predict(image_id)
+                pred = self._predict3(image_id)
             rep = evaluate_labels(pred, ref, self.class_names,
                                   spacing=self.geometry(image_id).spacing, dims=self.dims)
             out["images"][image_id] = rep
@@ -910,11 +1013,11 @@ class Project:
 
         rows = []
         for image_id in image_ids or self.image_ids:
-            pred = self.saved_prediction(image_id)
+            pred = self._saved3(image_id)
             if pred is None:
                 if not predict_missing:
                     continue
-                pred = self.predict(image_id)
+                pred = self._predict3(image_id)
             rows += class_fractions(pred, self.class_names, self.geometry(image_id).spacing,
                                     self.dims, self._entry(image_id)["name"])
         if csv_path is not None:
@@ -938,11 +1041,11 @@ class Project:
             raise ProjectError(f"export folder '{out_dir}' is not writable")
         written = []
         for image_id in image_ids or self.image_ids:
-            pred = self.saved_prediction(image_id)
+            pred = self._saved3(image_id)
             if pred is None:
                 if not predict_missing:
                     continue
-                pred = self.predict(image_id)
+                pred = self._predict3(image_id)
             p = out_dir / f"{image_id}.{fmt}"
             imageio.write_labels(p, pred, self.geometry(image_id))
             written.append(p)

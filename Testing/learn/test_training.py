@@ -114,7 +114,7 @@ def test_cancel_from_another_thread_stops_within_two_seconds_and_keeps_a_usable_
     else:
         assert again.round == 1
     pred = again.predict(image_id, save=False)
-    assert pred.shape == (1, 64, 64) and pred.min() >= 1
+    assert pred.shape == (64, 64) and pred.min() >= 1
 
 
 def test_cancel_before_the_first_step_adds_no_round_and_keeps_the_previous_model(tmp_path, tiny_models):
@@ -134,7 +134,7 @@ def test_cancel_before_the_first_step_adds_no_round_and_keeps_the_previous_model
     assert not (tmp_path / "p" / "checkpoints" / "round_002.safetensors").exists()
     assert ckpt.read_bytes() == before
     assert json.loads((tmp_path / "p" / "project.json").read_text()) == json.loads(json_before)
-    assert semsegloop.Project.open(tmp_path / "p", read_only=True).predict(image_id, save=False).shape == (1, 64, 64)
+    assert semsegloop.Project.open(tmp_path / "p", read_only=True).predict(image_id, save=False).shape == (64, 64)
 
 
 def test_a_callable_works_as_cancel_and_a_bad_cancel_object_is_refused(tmp_path, tiny_models):

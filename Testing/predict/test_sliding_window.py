@@ -54,11 +54,11 @@ def test_tall_2d_image_is_predicted_in_slabs_with_the_same_labels(trained_2d, tm
     tall = np.concatenate([tile] * 17, axis=0)          # 1088 x 64: more rows than one window
     tall_id = proj.add_image(tall, name="tall")
 
-    whole = proj.predict_full(tall_id, save=False)
+    whole = proj.predict_full(tall_id, save=False, component="network")
     counter = _CountingSlidingWindow()
     monkeypatch.setattr(inference, "_sliding_window", counter)
     monkeypatch.setattr(inference, "MAX_REGION_VOXELS", 4096)
-    sliced = proj.predict_full(tall_id, save=False)
+    sliced = proj.predict_full(tall_id, save=False, component="network")
 
     assert len(counter.shapes) >= 3, counter.shapes
     assert max(s[0] for s in counter.shapes) < 1088
@@ -80,11 +80,11 @@ def test_long_3d_volume_is_predicted_in_slabs_with_the_same_labels(trained_3d, t
     long = np.concatenate([img] * 20, axis=0)           # 160 slices: beyond one 64-slice window
     long_id = proj.add_image(long, name="long")
 
-    whole = proj.predict_full(long_id, save=False)
+    whole = proj.predict_full(long_id, save=False, component="network")
     counter = _CountingSlidingWindow()
     monkeypatch.setattr(inference, "_sliding_window", counter)
     monkeypatch.setattr(inference, "MAX_REGION_VOXELS", 4096)
-    sliced = proj.predict_full(long_id, save=False)
+    sliced = proj.predict_full(long_id, save=False, component="network")
 
     assert len(counter.shapes) >= 2 and max(s[0] for s in counter.shapes) < 160, counter.shapes
     assert sliced.labels.shape == (160, 32, 32)
@@ -109,7 +109,8 @@ def test_probabilities_are_float16_never_float64(trained_3d):
     x = normalize(proj.image(image_id).array, proj.normalization).astype(np.float32)
     low = inference.predict_image(model, x, plan, next(model.parameters()).device, 3)
     assert low.probabilities.dtype == np.float16
-    np.testing.assert_array_equal(low.labels, proj.predict(image_id, save=False, keep_strokes=False))
+    np.testing.assert_array_equal(low.labels, proj.predict(image_id, save=False, keep_strokes=False,
+                                                          component="network"))
 
 
 def test_volume_prediction_memory_is_bounded_by_the_float16_probabilities(trained_3d, tmp_path):
@@ -126,7 +127,7 @@ def test_volume_prediction_memory_is_bounded_by_the_float16_probabilities(traine
     try:
         tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
-        pred = proj.predict_full(vol_id, save=False, keep_strokes=False)
+        pred = proj.predict_full(vol_id, save=False, keep_strokes=False, component="network")
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()

@@ -95,7 +95,7 @@ def run_demo(out_dir, n_images: int = 6, n_painted: int = 2, size: int = 256,
     proj = Project.create(proj_dir, CLASSES, dims=2, colors=COLORS)
     tiles = [synthetic_tile(size, seed + i) for i in range(n_images)]
     ids = [proj.add_image(img, name=f"tile_{i + 1:02d}") for i, (img, _) in enumerate(tiles)]
-    refs = {i: ref[None] for i, (_, ref) in zip(ids, tiles)}
+    refs = {i: ref for i, (_, ref) in zip(ids, tiles)}  # (Y, X), as predict returns them
     painted = ids[:n_painted]
     for n, i in enumerate(painted):
         proj.set_labels(i, simulate_strokes(refs[i], len(CLASSES), seed=seed + n, dims=2))
@@ -128,7 +128,7 @@ def run_demo(out_dir, n_images: int = 6, n_painted: int = 2, size: int = 256,
     overlays = []
     for i, (img, _) in zip(ids, tiles):
         p = out_dir / "overlays" / f"{i}.png"
-        overlay_png(p, img, proj.saved_prediction(i)[0], COLORS)
+        overlay_png(p, img, proj.saved_prediction(i), COLORS)
         overlays.append(p)
     csv = out_dir / "class_fractions.csv"
     proj.class_fractions(csv_path=csv)

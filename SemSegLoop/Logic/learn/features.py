@@ -35,8 +35,13 @@ def _kernels(sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             (g2 * sigma ** 2).astype(np.float32))
 
 
+# 3D features per sigma: smoothed, gradient magnitude and the three Hessian eigenvalues (as
+# ilastik and scikit-image's multiscale features), or the Laplacian only when False (cheaper).
+HESSIAN_3D = True
+
+
 def features_per_sigma(dims: int) -> int:
-    return 4 if dims == 2 else 3
+    return 4 if dims == 2 else (5 if HESSIAN_3D else 3)
 
 
 def feature_channels(dims: int, in_channels: int, sigmas) -> int:
@@ -96,8 +101,32 @@ def add_features(x: np.ndarray, dims: int, sigmas, spacing=None) -> np.ndarray:
                 z1y0, z2y0 = f(z1, 1, 0), f(z2, 1, 0)
                 Lz = f(z1y0, 2, 0)
                 Lzz = f(z2y0, 2, 0)
-                feats = (L, np.sqrt(Lx ** 2 + Ly ** 2 + Lz ** 2), Lxx + Lyy + Lzz)
+                grad = np.sqrt(Lx ** 2 + Ly ** 2 + Lz ** 2)
+                if HESSIAN_3D:
+                    Lxy = f(f(z0, 1, 1), 2, 1)
+                    Lxz = f(z1y0, 2, 1)
+                    Lyz = f(f(z1, 1, 1), 2, 0)
+                    feats = (L, grad) + _sym3_eigenvalues(Lzz, Lyy, Lxx, Lyz, Lxz, Lxy)
+                else:
+                    feats = (L, grad, Lxx + Lyy + Lzz)
             for feat in feats:
                 out[..., col] = feat
                 col += 1
     return out
+
+
+def _sym3_eigenvalues(a, b, c, d, e, f):
+    """Eigenvalues (descending) of the symmetric 3x3 matrices [[a, d, e], [d, b, f], [e, f, c]]
+    given as arrays, in closed form (Smith 1961), float32 and elementwise: no (N, 3, 3) copy."""
+    q = (a + b + c) / 3
+    p1 = d * d + e * e + f * f
+    aq, bq, cq = a - q, b - q, c - q
+    p2 = aq * aq + bq * bq + cq * cq + 2 * p1
+    p = np.sqrt(np.maximum(p2 / 6, 1e-30))
+    det = (aq * (bq * cq - f * f) - d * (d * cq - f * e) + e * (d * f - bq * e))
+    r = np.clip(det / (2 * p ** 3), -1.0, 1.0)
+    phi = np.arccos(r) / 3
+    l1 = q + 2 * p * np.cos(phi)
+    l3 = q + 2 * p * np.cos(phi + 2 * np.pi / 3)
+    l2 = 3 * q - l1 - l3
+    return (l1.astype(np.float32), l2.astype(np.float32), l3.astype(np.float32))

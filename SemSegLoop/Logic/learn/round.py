@@ -1,4 +1,5 @@
-"""One training round on arrays: plan the network, fit the teacher, warm-start, train the student.
+"""One training round on arrays: hold out strokes, fit the teacher, warm-start, train the student,
+choose the fusion weight on the held-out strokes, keep the previous model when it scores better.
 The project gives it normalised images and labels and stores what it returns (checkpoint, history).
 
 Nothing here knows the project folder: images come in as arrays, the warm start as a state dict,
@@ -16,6 +17,10 @@ import numpy as np
 from semsegloop.errors import TrainingError
 
 
+# Share of the round's budget kept for scoring the networks on held-out strokes.
+SCORING_SHARE = 0.05
+
+
 @dataclass
 class RoundImage:
     """One image of the round: normalised (S, Y, X, C) float32 and sparse (S, Y, X) uint8 labels
@@ -23,6 +28,14 @@ class RoundImage:
     image_id: str
     image: np.ndarray
     labels: np.ndarray
+    previous: np.ndarray | None = None   # bool (S, Y, X): painted in the previous round
+    # What the teacher and grow-from-seeds see (the image unclipped; teacher.teacher_input);
+    # None: the network's input.
+    teacher_image: np.ndarray | None = None
+
+    @property
+    def raw(self) -> np.ndarray:
+        return self.image if self.teacher_image is None else self.teacher_image
 
 
 @dataclass
@@ -39,6 +52,10 @@ class RoundSettings:
     seed: int = 0
     pairwise_weight: float | None = None
     use_teacher: bool = True
+    class_names: list | None = None
+    # Seconds of the budget left for predicting the painted images after the round (the
+    # person's budget ends when the prediction is there).
+    reserve_s: float = 0.0
 
 
 @dataclass
@@ -74,52 +91,181 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
     """Train one round. ``warm_start(model)`` loads earlier weights into the model and returns
     where they came from; ``make_validator(model, plan, device)`` returns a callable giving
     validation Dice. ``started`` (perf_counter) is when the round began, so time spent before
-    the call (reading images) counts in the budget too."""
+    the call (reading images) counts in the budget too.
+
+    With the teacher on, about a quarter of each class's stroke components (the newest first)
+    is held out of the student's and the scoring teacher's training; both are scored there,
+    and ``extra["fusion"]`` holds the chosen network weight and the per-class estimates;
+    ``extra["teacher"]`` is the forest re-fitted on all strokes, which prediction fuses."""
+    import copy
+
     from semsegloop.learn import training as tr
+    from semsegloop.learn.fusion import holdout_masks
     from semsegloop.learn.losses import SparseLabelLoss
     from semsegloop.learn.networks import build_network
     from semsegloop.learn.sampling import PatchSampler, TrainingImage
-    from semsegloop.learn.teacher import teacher_pseudo_labels
+    from semsegloop.learn.teacher import CancelledError, Teacher, pseudo_from_proba
 
     t_start = time.perf_counter() if started is None else started
     s = settings
+    K = s.n_classes
+    names = s.class_names or [str(k) for k in range(1, K + 1)]
     if not any(im.labels.any() for im in images):
         raise TrainingError("a training round needs at least one image with painted labels")
     plan = plan_for(s, [im.labels.shape for im in images if im.labels.any()])
+    stop = tr.cancel_checker(cancel)
+    logf = log or (lambda rec: None)
     pseudo: list = [None] * len(images)
+    held = [np.zeros(im.labels.shape, bool) for im in images]
+    teacher_full = teacher_h = None
+    fusion: dict = {"weight": 1.0}
+    p_teacher = y_h = None
     if s.use_teacher:
+        new = [None if im.previous is None else (im.labels > 0) & ~im.previous for im in images]
+        held = holdout_masks([im.labels for im in images], K, s.dims,
+                             seed=s.seed + s.round_index, prefer=new)
+    train_labels = [np.where(h, 0, im.labels).astype(np.uint8) for im, h in zip(images, held)]
+    if s.use_teacher:
+        t0 = time.perf_counter()
         limit = None if s.time_budget_s is None else 0.35 * s.time_budget_s
-        pseudo = teacher_pseudo_labels([im.image for im in images], [im.labels for im in images],
-                                       s.n_classes, s.dims, s.spacing, seed=s.seed,
-                                       n_jobs=tr.cpu_threads(), time_limit_s=limit,
-                                       cancel=tr.cancel_checker(cancel))
-    train_images = [TrainingImage(im.image, im.labels, im.image_id, ps)
-                    for im, ps in zip(images, pseudo) if im.labels.any() or ps is not None]
+        try:
+            X, (y, h) = Teacher(K, s.dims, s.spacing).samples(
+                [im.raw for im in images], [im.labels > 0 for im in images],
+                [[im.labels for im in images], held], stop)
+            y, h = y.astype(np.uint8), h.astype(bool)
+            kw = dict(seed=s.seed, n_jobs=tr.cpu_threads())
+            teacher_h = Teacher(K, s.dims, s.spacing, **kw).fit(X[~h], y[~h], stop)
+            if h.any():
+                p_teacher, y_h = teacher_h.proba_samples(X[h]), y[h]
+            for n, im in enumerate(images):
+                if limit is not None and time.perf_counter() - t_start > limit:
+                    break  # unpainted context images are optional
+                pseudo[n] = pseudo_from_proba(teacher_h.predict_proba(im.raw, stop),
+                                              train_labels[n])
+            teacher_full = Teacher(K, s.dims, s.spacing, **kw).fit(X, y, stop) if h.any() else teacher_h
+            del X
+        except CancelledError:
+            pseudo = [None] * len(images)
+            teacher_full = teacher_h = None
+        logf({"event": "teacher", "round": s.round_index, "seconds": round(time.perf_counter() - t0, 3),
+              "held_out_pixels": int(sum(m.sum() for m in held)),
+              "pseudo_images": sum(p is not None for p in pseudo)})
+    train_images = [TrainingImage(im.image, lab, im.image_id, ps)
+                    for im, lab, ps in zip(images, train_labels, pseudo) if lab.any() or ps is not None]
+    if not any(ti.labels.any() for ti in train_images):  # everything held out: train on all
+        train_images = [TrainingImage(im.image, im.labels, im.image_id, ps)
+                        for im, ps in zip(images, pseudo) if im.labels.any() or ps is not None]
     device_t = tr.select_device(s.device)
     tr.seed_everything(s.seed)
     model = build_network(plan)
     warm = warm_start(model) if warm_start is not None else None
+    previous = copy.deepcopy(model).eval() if warm else None
     anisotropic = s.dims == 3 and max(s.spacing) > 2 * min(s.spacing)
-    sampler = PatchSampler(train_images, s.n_classes, plan.patch_size, s.dims, seed=s.seed,
+    sampler = PatchSampler(train_images, K, plan.patch_size, s.dims, seed=s.seed,
                            in_plane_aug_only=anisotropic or s.dims == 2,
                            image_channels=s.channels)
     pw = 1.0 if s.pairwise_weight is None else s.pairwise_weight
     loss_fn = SparseLabelLoss(pairwise_weight=pw, in_plane_only=anisotropic,
                               image_channels=s.channels)
     validate = make_validator(model, plan, device_t) if make_validator is not None else None
-    logf = log or (lambda rec: None)
     logf({"event": "train_start", "round": s.round_index, "preset": s.preset.get("name"),
           "images": [im.image_id for im in images if im.labels.any()], "device": str(device_t),
           "warm_start": warm, "steps": s.steps, "time_budget_s": s.time_budget_s,
           "patch_size": plan.patch_size})
     budget = None
+    scoring = 0.0
     if s.time_budget_s is not None:  # preparation (teacher, features) counts in the budget
-        budget = max(1.0, s.time_budget_s - (time.perf_counter() - t_start))
+        scoring = SCORING_SHARE * s.time_budget_s if p_teacher is not None else 0.0
+        budget = max(1.0, s.time_budget_s - (time.perf_counter() - t_start) - s.reserve_s - scoring)
+    # A warm-started model is refined, not retrained: a lower rate keeps what it knew.
+    lr = float(s.preset["learning_rate"]) * (0.5 if warm else 1.0)
     n_steps, _, last_loss, cancelled, val = tr.run_training(
         model, sampler, loss_fn, device=device_t, round_index=s.round_index,
-        batch_size=int(s.preset["batch_size"]), learning_rate=float(s.preset["learning_rate"]),
+        batch_size=int(s.preset["batch_size"]), learning_rate=lr,
         steps=s.steps, time_budget_s=budget, progress=progress, cancel=cancel,
         validate=validate, log=logf, seed=s.seed)
-    return RoundOutcome(model=model.eval(), plan=plan, device=device_t, steps=n_steps,
+    kept_previous = False
+    if p_teacher is not None and n_steps > 0 and not cancelled:
+        deadline = None
+        if s.time_budget_s is not None:
+            deadline = max(time.perf_counter(), t_start + s.time_budget_s - s.reserve_s)
+        try:
+            fusion, kept_previous = _fuse(images, train_labels, held, model, previous, plan,
+                                          device_t, p_teacher, y_h, s, names, stop, deadline)
+        except InterruptedError:
+            cancelled = True
+    model.eval()
+    if kept_previous:
+        model.load_state_dict(previous.state_dict())
+        logf({"event": "kept_previous_model", "round": s.round_index, "warm_start": warm,
+              "held_out": fusion.get("candidates")})
+    extra = {"fusion": fusion, "teacher": teacher_full, "kept_previous": kept_previous}
+    return RoundOutcome(model=model, plan=plan, device=device_t, steps=n_steps,
                         seconds=time.perf_counter() - t_start, final_loss=last_loss,
-                        cancelled=cancelled, val_dice=val, warm_start=warm)
+                        cancelled=cancelled, val_dice=val, warm_start=warm, extra=extra)
+
+
+def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_all, y_all,
+          s: RoundSettings, names, stop, deadline):
+    """Score the new (and the previous) network, the teacher and grow-from-seeds on held-out
+    strokes; returns (fusion record, keep the previous network?).
+
+    "weight" is the network's share against the teacher (every image); "seeded_weights" are
+    (network, teacher, grow from seeds) shares for the painted images, where the strokes can
+    seed a region growing."""
+    from semsegloop.learn import seeded
+    from semsegloop.learn.fusion import choose_weights, per_class, score_tiles
+
+    K = s.n_classes
+    models = [model] + ([previous] if previous is not None else [])
+    probs, scored = score_tiles(models, [im.image for im in images], held, plan, device, K,
+                                deadline, stop)
+    rows = np.concatenate([sc[h] for sc, h in zip(scored, held) if h.any()])
+    p_teacher, y_h = p_teacher_all[rows], y_all[rows]
+    p_net = probs[0]
+    record: dict = {"held_out_pixels": int(len(y_all)), "scored_pixels": int(len(y_h))}
+    comps = {"network": p_net, "teacher": p_teacher}
+    if seeded.available():
+        # Grow from the training strokes only, then read the held-out pixels it reached.
+        parts = []
+        for im, lab, sc in zip(images, train_labels, scored):
+            if sc.any():
+                parts.append(seeded.grow_from_seeds(im.raw, lab, s.dims, s.spacing)[sc])
+        comps["seeded"] = seeded.as_probabilities(np.concatenate(parts), K)
+
+    def decide(p_network):
+        w2, t2 = choose_weights([p_network, p_teacher], y_h, K)
+        out = {"weight": float(w2[0]), "dice2": t2[w2][0], "alone": t2[(1.0, 0.0)]}
+        if "seeded" in comps:
+            w3, t3 = choose_weights([p_network, p_teacher, comps["seeded"]], y_h, K)
+            out.update(seeded_weights=[float(v) for v in w3], dice3=t3[w3][0])
+        return out
+
+    new = decide(p_net)
+    keep = False
+    if previous is not None:
+        old = decide(probs[1])
+        # Best blend first; on a tie the network that scores better alone (it is what carries
+        # to unpainted images), then its log-likelihood.
+        def best(d):
+            return (float(np.nan_to_num(d.get("dice3", d["dice2"]), nan=-1.0)),
+                    float(np.nan_to_num(d["alone"][0], nan=-1.0)), float(d["alone"][1]))
+        record["candidates"] = {"new": [round(v, 4) for v in best(new)],
+                                "previous": [round(v, 4) for v in best(old)]}
+        if best(old) > best(new):
+            keep, new, p_net = True, old, probs[1]
+            record["kept_previous"] = True
+    record["weight"] = new["weight"]
+    if "seeded_weights" in new:
+        record["seeded_weights"] = new["seeded_weights"]
+    w = new["weight"]
+    fused = w * p_net + (1 - w) * p_teacher
+    record["estimate"] = {"fused": per_class(fused, y_h, K, names),
+                          "network": per_class(p_net, y_h, K, names),
+                          "teacher": per_class(p_teacher, y_h, K, names)}
+    if "seeded" in comps:
+        a, b, c = new["seeded_weights"]
+        record["estimate"]["fused_painted"] = per_class(
+            a * p_net + b * p_teacher + c * comps["seeded"], y_h, K, names)
+        record["estimate"]["seeded"] = per_class(comps["seeded"], y_h, K, names)
+    return record, keep

@@ -21,7 +21,7 @@ MAX_REGION_BYTES = 800 * 2**20
 @dataclass
 class Prediction:
     labels: np.ndarray          # (S, Y, X) uint8, 1..K
-    probabilities: np.ndarray   # (K, S, Y, X) float16
+    probabilities: np.ndarray | None   # (K, S, Y, X) float16 (None: not kept)
     entropy: np.ndarray         # (S, Y, X) float16, 0 = certain, 1 = uniform over K classes
 
 
@@ -42,30 +42,36 @@ def inference_roi(plan, spatial_shape) -> list[int]:
 def predict_image(model, image: np.ndarray, plan, device, n_classes: int,
                   cancel: Callable[[], bool] | None = None,
                   progress: Callable[[float], None] | None = None,
-                  overlap: float = 0.25) -> Prediction:
+                  overlap: float = 0.25, keep_probabilities: bool = True) -> Prediction:
     """Predict a normalised (S, Y, X, C) float32 image.
 
     2D plans run each slice separately; 3D plans run the whole volume. Probabilities are
     written into a preallocated float16 array region by region, so peak memory is about
-    K x S x Y x X x 2 bytes plus one region's float32 work buffers.
+    K x S x Y x X x 2 bytes plus one region's float32 work buffers. With
+    ``keep_probabilities=False`` only labels and entropy are kept (3 bytes per voxel whatever
+    K: a 40-class CT), and ``.probabilities`` is None.
     """
     if image.ndim != 4:
         raise TrainingError(f"predict_image expects (S, Y, X, C), got shape {image.shape}")
     S, Y, X, C = image.shape
     if C != plan.in_channels:
         raise TrainingError(f"image has {C} channels but the model expects {plan.in_channels}")
-    probs = np.empty((n_classes, S, Y, X), dtype=np.float16)
+    probs = np.empty((n_classes, S, Y, X), dtype=np.float16) if keep_probabilities else None
+    labels = np.empty((S, Y, X), np.uint8)
+    entropy = np.empty((S, Y, X), np.float16)
     model.eval()
     units = range(S) if plan.dims == 2 else [None]
     for n, s in enumerate(units):
         if cancel is not None and cancel():
             raise InterruptedError("prediction cancelled")
         vol = image[s] if s is not None else image            # (Y,X,C) or (Z,Y,X,C)
-        out = probs[:, s] if s is not None else probs          # view (K, Y, X) or (K, Z, Y, X)
-        _predict_region_slabs(model, vol, out, plan, device, overlap, cancel)
+        for a, b, p in _region_slabs(model, vol, n_classes, plan, device, overlap, cancel):
+            sl = (s, slice(a, b)) if s is not None else (slice(a, b),)
+            if probs is not None:
+                probs[(slice(None),) + sl] = p
+            labels[sl], entropy[sl] = labels_and_entropy(p)
         if progress is not None:
             progress((n + 1) / len(units))
-    labels, entropy = labels_and_entropy(probs)
     return Prediction(labels=labels, probabilities=probs, entropy=entropy)
 
 
@@ -86,15 +92,15 @@ def labels_and_entropy(probs: np.ndarray, chunk: int = 4_000_000) -> tuple[np.nd
     return labels.reshape(shape), entropy.reshape(shape)
 
 
-def _predict_region_slabs(model, vol: np.ndarray, out: np.ndarray, plan, device, overlap, cancel):
-    """Fill ``out`` (K, *spatial) with probabilities for ``vol`` (*spatial, C), slab by slab.
+def _region_slabs(model, vol: np.ndarray, n_classes: int, plan, device, overlap, cancel):
+    """Yield (start, stop, (K, stop - start, ...) float16 probabilities) for ``vol``
+    (*spatial, C), slab by slab along the first axis.
 
     Each slab is widened to the whole windows that touch it, so its kept rows equal the
     unsliced prediction."""
     spatial = vol.shape[:-1]
     roi = inference_roi(plan, spatial)
     per_row = int(np.prod(spatial[1:]))
-    n_classes = out.shape[0]
     region = min(MAX_REGION_VOXELS, MAX_REGION_BYTES // (4 * (n_classes + 2)))
     slab = max(roi[0], (region // max(per_row, 1)) // roi[0] * roi[0])
     n0 = spatial[0]
@@ -109,7 +115,7 @@ def _predict_region_slabs(model, vol: np.ndarray, out: np.ndarray, plan, device,
         touching = [p for p in starts if p < stop and p + roi[0] > start]
         a, b = min(touching), min(n0, max(touching) + roi[0])
         p = _sliding_window(model, vol[a:b], roi, plan, device, overlap, cancel)
-        out[:, start:stop] = p[:, start - a:stop - a]
+        yield start, stop, p[:, start - a:stop - a]
         start = stop
 
 

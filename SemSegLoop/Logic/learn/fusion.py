@@ -1,0 +1,229 @@
+"""Held-out strokes and the fusion of network and teacher: some stroke components are kept out
+of a round's training, both models are scored on them, and the blend weight they choose is what
+prediction uses, so the result is never worse (on held-out strokes) than either model alone.
+
+Why: on a laptop CPU a 3D student gets tens of steps and is worse than the forest that taught
+it; on a GPU it gets thousands and is better. A weight chosen on strokes neither model saw
+follows whichever is better on this image set, whatever the compute. The same scores are the
+engine's own estimate of its accuracy (per class, per round)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+HOLDOUT_FRACTION = 0.25
+# Classes with fewer stroke components than this have their strokes cut into grid cells, so a
+# single long stroke can still give held-out pixels.
+MIN_COMPONENTS = 4
+CELL = 16
+
+
+def stroke_components(labels: np.ndarray, k: int, dims: int) -> tuple[np.ndarray, int]:
+    """Connected components of class ``k``'s strokes in an (S, Y, X) label map (per slice in
+    2D, in the volume in 3D), 8/26-connected; returns (component ids, count)."""
+    from scipy import ndimage
+
+    m = labels == k
+    if dims == 2:
+        structure = np.zeros((3, 3, 3), bool)
+        structure[1] = True  # never connect across slices of a 2D stack
+    else:
+        structure = np.ones((3, 3, 3), bool)
+    comp, n = ndimage.label(m, structure=structure)
+    return comp, int(n)
+
+
+def holdout_masks(labels: list[np.ndarray], n_classes: int, dims: int, seed: int = 0,
+                  fraction: float = HOLDOUT_FRACTION,
+                  prefer: list[np.ndarray | None] | None = None) -> list[np.ndarray]:
+    """Per image, a bool mask of the stroke pixels held out of training (about ``fraction`` of
+    each class's painted pixels, whole components at a time; at least one component of every
+    class stays in training). ``prefer`` (per image, bool, e.g. the strokes new this round)
+    are picked first, so a correction round is scored on corrections."""
+    rng = np.random.default_rng(seed)
+    out = [np.zeros(lab.shape, bool) for lab in labels]
+    for k in range(1, n_classes + 1):
+        units = []  # (image, component mask index array, pixels, preferred)
+        for n, lab in enumerate(labels):
+            if not (lab == k).any():
+                continue
+            comp, c = stroke_components(lab, k, dims)
+            units.append((n, comp, c))
+        total_comps = sum(c for _, _, c in units)
+        pieces = []
+        for n, comp, c in units:
+            if total_comps < MIN_COMPONENTS:
+                comp = _cut_cells(comp, dims)
+            flat = comp.ravel()
+            nz = np.flatnonzero(flat)
+            ids = flat[nz]
+            order = np.argsort(ids, kind="stable")
+            ids, nz = ids[order], nz[order]
+            bounds = np.flatnonzero(np.diff(ids)) + 1
+            for part in np.split(nz, bounds):
+                if len(part):
+                    pref = bool(prefer is not None and prefer[n] is not None
+                                and prefer[n].ravel()[part].mean() > 0.5)
+                    pieces.append((n, part, pref))
+        if len(pieces) < 2:
+            continue
+        total = sum(len(p) for _, p, _ in pieces)
+        perm = rng.permutation(len(pieces))
+        perm = sorted(perm, key=lambda i: not pieces[i][2])  # preferred first, random within
+        taken, held = 0, 0
+        for i in perm:
+            n, part, _ = pieces[i]
+            if held + 1 >= len(pieces) or taken >= fraction * total:
+                break
+            out[n].ravel()[part] = True
+            taken += len(part)
+            held += 1
+    return out
+
+
+def _cut_cells(comp: np.ndarray, dims: int) -> np.ndarray:
+    """Split components further by a CELL-pixel grid in the image plane."""
+    S, Y, X = comp.shape
+    zz, yy, xx = np.indices((S, Y, X), sparse=True)
+    cell = (yy // CELL) * ((X + CELL - 1) // CELL) + xx // CELL
+    n_cells = ((Y + CELL - 1) // CELL) * ((X + CELL - 1) // CELL)
+    if dims == 2:
+        cell = cell + zz * n_cells
+    return np.where(comp > 0, comp.astype(np.int64) * (n_cells * S + 1) + cell + 1, 0)
+
+
+def class_dice(pred: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Dice per class (1..K) of predicted classes ``pred`` against ``y`` on the same pixels;
+    NaN for classes absent from ``y``."""
+    n = n_classes + 1
+    conf = np.bincount(y.astype(np.int64) * n + pred.astype(np.int64),
+                       minlength=n * n).reshape(n, n)
+    tp = np.diag(conf)[1:].astype(np.float64)
+    ref = conf.sum(axis=1)[1:]
+    prd = conf.sum(axis=0)[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = 2 * tp / (ref + prd)
+    d[ref == 0] = np.nan
+    return d
+
+
+def score(p: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[float, float]:
+    """(mean Dice over classes present, mean log-likelihood) of (N, K) probabilities."""
+    d = class_dice(np.argmax(p, axis=1) + 1, y, n_classes)
+    ll = float(np.mean(np.log(np.clip(p[np.arange(len(y)), y.astype(np.int64) - 1], 1e-4, 1))))
+    return float(np.nanmean(d)) if np.isfinite(d).any() else float("nan"), ll
+
+
+def simplex_grid(n: int, step: float = 0.1) -> list[tuple[float, ...]]:
+    """All weight vectors of ``n`` non-negative multiples of ``step`` summing to 1."""
+    m = int(round(1 / step))
+
+    def rec(k, left):
+        if k == 1:
+            yield (left,)
+            return
+        for a in range(left, -1, -1):
+            for rest in rec(k - 1, left - a):
+                yield (a,) + rest
+    return [tuple(round(a / m, 4) for a in w) for w in rec(n, m)]
+
+
+def choose_weights(components: list[np.ndarray], y: np.ndarray, n_classes: int,
+                   step: float = 0.1) -> tuple[tuple[float, ...], dict]:
+    """The blend sum_i w_i * p_i (weights on a simplex grid) that scores best on held-out
+    pixels ``y`` (1..K) by mean Dice over classes. Every single model is a grid point, so the
+    blend never scores below the best model alone. Among blends that score within sampling
+    noise of the best (a plateau: held-out strokes lie inside objects and often cannot tell
+    models apart), the one nearest the plateau's centre is taken: when the strokes cannot
+    tell, an even blend is the safer bet than the most confident model. Returns (weights,
+    {weights: (dice, loglik)})."""
+    table = {}
+    for w in simplex_grid(len(components), step):
+        p = sum(wi * c for wi, c in zip(w, components) if wi)
+        table[w] = score(p, y, n_classes)
+    dice = {w: float(np.nan_to_num(v[0], nan=-1.0)) for w, v in table.items()}
+    top = max(dice.values())
+    tol = 0.5 * np.sqrt(max(top * (1 - top), 0.0) / max(len(y), 1)) + 1e-9
+    plateau = [w for w in table if dice[w] >= top - tol]
+    centre = np.mean(np.array(plateau), axis=0)
+    best = min(plateau, key=lambda w: (float(np.sum((np.array(w) - centre) ** 2)),
+                                       -dice[w], -table[w][1]))
+    return best, table
+
+
+def choose_weight(p_net: np.ndarray, p_teacher: np.ndarray, y: np.ndarray, n_classes: int,
+                  step: float = 0.1) -> tuple[float, dict]:
+    """The network's weight w in w * p_net + (1 - w) * p_teacher chosen on held-out pixels
+    (see choose_weights); returns (w, {w: (dice, loglik)})."""
+    w, table = choose_weights([p_net, p_teacher], y, n_classes, step)
+    return w[0], {k[0]: v for k, v in table.items()}
+
+
+def per_class(p: np.ndarray, y: np.ndarray, n_classes: int, names: list[str]) -> dict:
+    d = class_dice(np.argmax(p, axis=1) + 1, y, n_classes)
+    return {nm: round(float(v), 4) for nm, v in zip(names, d) if np.isfinite(v)}
+
+
+def score_tiles(models: list, images: list[np.ndarray], held: list[np.ndarray], plan, device,
+                n_classes: int, deadline: float | None = None, cancel=None
+                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Network probabilities at held-out pixels, one forward pass per patch-sized tile, fullest
+    tiles first, until ``deadline`` (perf_counter; at least one tile is always scored).
+
+    Returns ([(N, K) float32 per model], per image the bool mask of the pixels scored); rows
+    are in image order and raster order within an image, like Teacher.samples."""
+    import time
+
+    import torch
+
+    dims = plan.dims
+    patch = [int(p) for p in plan.patch_size]
+    tiles = []
+    for n, h in enumerate(held):
+        if not h.any():
+            continue
+        coords = np.argwhere(h)
+        key = (np.concatenate([coords[:, :1], coords[:, 1:] // patch], axis=1) if dims == 2
+               else coords // patch)
+        uniq, inv, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+        inv = inv.ravel()
+        for t in range(len(uniq)):
+            tiles.append((int(counts[t]), n, uniq[t], coords[inv == t]))
+    tiles.sort(key=lambda t: -t[0])
+    got = [[[] for _ in images] for _ in models]
+    scored = [np.zeros(h.shape, bool) for h in held]
+    for m in models:
+        m.eval()
+    for done, (_, n, key, pts) in enumerate(tiles):
+        if done and deadline is not None and time.perf_counter() > deadline:
+            break
+        if cancel is not None and cancel():
+            raise InterruptedError("held-out scoring cancelled")
+        img = images[n]
+        spatial = img.shape[1:3] if dims == 2 else img.shape[:3]
+        cell = key[1:] if dims == 2 else key
+        starts = [int(max(0, min(c * p, sz - p))) for c, p, sz in zip(cell, patch, spatial)]
+        region = tuple(slice(st, st + p) for st, p in zip(starts, patch))
+        crop = img[int(key[0])][region] if dims == 2 else img[region]
+        pads = [(0, p - c) for p, c in zip(patch, crop.shape[:dims])]
+        if any(q[1] for q in pads):
+            crop = np.pad(crop, pads + [(0, 0)], mode="edge")
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(crop, -1, 0)))[None].to(device)
+        local = pts[:, 1:] - starts if dims == 2 else pts - starts
+        for j, m in enumerate(models):
+            with torch.inference_mode():
+                prob = torch.softmax(m(x).float(), dim=1)[0].cpu().numpy()
+            got[j][n].append(prob[(slice(None),) + tuple(local.T)].T)
+        scored[n][tuple(pts.T)] = True
+        for j in range(len(models)):
+            got[j][n][-1] = (np.ravel_multi_index(tuple(pts.T), held[n].shape), got[j][n][-1])
+    out = []
+    for j in range(len(models)):
+        parts = []
+        for n in range(len(images)):
+            if got[j][n]:
+                flat = np.concatenate([f for f, _ in got[j][n]])
+                pr = np.concatenate([p for _, p in got[j][n]])
+                parts.append(pr[np.argsort(flat, kind="stable")])
+        out.append(np.concatenate(parts) if parts else np.zeros((0, n_classes), np.float32))
+    return out, scored

@@ -1,0 +1,79 @@
+"""Grow from seeds on the painted image itself: 3D Slicer's GrowCut (``vtkImageGrowCutSegment``,
+in Slicer and in the slicer-core wheel) seeded with the strokes, a third opinion for the fusion.
+
+Why: on volumes painted on a few slices, region growing from the strokes follows the image's
+own edges between them and often beats any pixel classifier there (it is what a Slicer user
+would otherwise press). It only labels the image it is seeded on, so it joins the fusion for
+painted images only, with a weight chosen on held-out strokes like the others. Without Slicer's
+libraries it is simply left out."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def available() -> bool:
+    try:
+        import slicer  # noqa: F401  (Slicer itself, or the slicer-core wheel)
+    except ImportError:
+        return False
+    return hasattr(slicer, "vtkImageGrowCutSegment")
+
+
+def _to_vtk(array: np.ndarray, spacing, vtk_type):
+    import vtk
+    from vtk.util import numpy_support
+
+    img = vtk.vtkImageData()
+    Z, Y, X = array.shape
+    img.SetDimensions(X, Y, Z)
+    img.SetSpacing(*[float(s) for s in spacing[::-1]])  # VTK spacing is (x, y, z)
+    img.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
+        np.ascontiguousarray(array).ravel(), deep=True, array_type=vtk_type))
+    return img
+
+
+def _grow(grey: np.ndarray, seeds: np.ndarray, spacing) -> np.ndarray:
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    f = slicer.vtkImageGrowCutSegment()
+    f.SetIntensityVolume(_to_vtk(grey.astype(np.float32), spacing, vtk.VTK_FLOAT))
+    f.SetSeedLabelVolume(_to_vtk(seeds.astype(np.int16), spacing, vtk.VTK_SHORT))
+    f.SetDistancePenalty(0.0)
+    f.Update()
+    out = f.GetOutput().GetPointData().GetScalars()
+    if out is None:
+        return np.zeros(seeds.shape, np.uint8)
+    return numpy_support.vtk_to_numpy(out).reshape(seeds.shape).astype(np.uint8)
+
+
+def grow_from_seeds(image: np.ndarray, seeds: np.ndarray, dims: int, spacing=None) -> np.ndarray:
+    """(S, Y, X, C) image and (S, Y, X) strokes -> (S, Y, X) uint8 labels, 0 where nothing
+    grew (2D slices without strokes, or fewer than two painted classes)."""
+    grey = np.asarray(image, np.float32).mean(axis=-1)
+    sp = tuple(spacing) if spacing is not None else (1.0, 1.0, 1.0)
+    out = np.zeros(seeds.shape, np.uint8)
+    if dims == 3:
+        if len(np.unique(seeds[seeds > 0])) >= 2 and min(seeds.shape) >= 3:
+            out[:] = _grow(grey, seeds, sp)
+        return out
+    for s in range(seeds.shape[0]):
+        if len(np.unique(seeds[s][seeds[s] > 0])) < 2:
+            continue
+        # The filter needs three voxels along every axis: a 2D image is grown as a 3-slice
+        # stack of itself.
+        stack = np.repeat(grey[s][None], 3, axis=0)
+        out[s] = _grow(stack, np.repeat(seeds[s][None], 3, axis=0), (1.0,) + sp[-2:])[1]
+    return out
+
+
+def as_probabilities(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """(..., ) labels -> (..., K) float32 one-hot; 0 (nothing grew) -> uniform, which leaves
+    the other models' argmax unchanged."""
+    p = np.full(labels.shape + (n_classes,), 1.0 / n_classes, np.float32)
+    m = labels > 0
+    p[m] = 0.0
+    p[m, labels[m].astype(np.int64) - 1] = 1.0
+    return p

@@ -1,0 +1,85 @@
+"""Held-out strokes and fusion weights: whole stroke components are held out, never all of a
+class; the chosen blend never scores below a model that held-out strokes score higher."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from semsegloop.learn import fusion
+
+
+def _probs(y, K, acc, rng):
+    """Probabilities whose argmax is right on about ``acc`` of the pixels."""
+    p = rng.dirichlet(np.ones(K), size=len(y)).astype(np.float32) * 0.5
+    right = rng.random(len(y)) < acc
+    wrong = (y - 1 + rng.integers(1, K, len(y))) % K
+    p[np.arange(len(y)), np.where(right, y - 1, wrong)] += 1.0
+    return p / p.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_weights_never_pick_a_model_that_held_out_strokes_score_lower(seed):
+    rng = np.random.default_rng(seed)
+    K = 3
+    y = rng.integers(1, K + 1, 400)
+    good, bad = _probs(y, K, 0.9, rng), _probs(y, K, 0.5, rng)
+    for p_net, p_teacher, worse in ((bad, good, "net"), (good, bad, "teacher")):
+        w, table = fusion.choose_weight(p_net, p_teacher, y, K)
+        chosen = table[w][0]
+        d_net, d_teacher = table[1.0][0], table[0.0][0]
+        assert chosen >= max(d_net, d_teacher)
+        # The worse model alone is never the choice.
+        assert w != (1.0 if worse == "net" else 0.0)
+        if worse == "net":
+            assert d_teacher > d_net and w < 0.5
+        else:
+            assert d_net > d_teacher and w > 0.5
+
+
+def test_three_way_weights_dominate_every_single_model():
+    rng = np.random.default_rng(7)
+    K = 4
+    y = rng.integers(1, K + 1, 600)
+    comps = [_probs(y, K, a, rng) for a in (0.4, 0.7, 0.8)]
+    w, table = fusion.choose_weights(comps, y, K)
+    assert abs(sum(w) - 1) < 1e-6 and len(table) == 66
+    singles = [table[tuple(float(i == j) for i in range(3))][0] for j in range(3)]
+    assert table[w][0] >= max(singles)
+
+
+def test_held_out_strokes_are_whole_components_and_every_class_keeps_some():
+    lab = np.zeros((1, 64, 64), np.uint8)
+    for r in range(0, 60, 8):         # 8 separate strokes of class 1, 8 of class 2
+        lab[0, r + 1, 2:20] = 1
+        lab[0, r + 1, 40:60] = 2
+    held = fusion.holdout_masks([lab], 2, dims=2, seed=0)[0]
+    for k in (1, 2):
+        comp, n = fusion.stroke_components(lab, k, 2)
+        taken = {int(c) for c in np.unique(comp[held & (lab == k)])}
+        assert 0 < len(taken) < n
+        for c in taken:  # whole components only
+            assert held[comp == c].all()
+        frac = (held & (lab == k)).sum() / (lab == k).sum()
+        assert 0.1 < frac < 0.5
+    assert not held[lab == 0].any()
+
+
+def test_new_strokes_are_held_out_first():
+    lab = np.zeros((1, 64, 64), np.uint8)
+    for r in range(0, 60, 8):
+        lab[0, r + 1, 2:20] = 1
+        lab[0, r + 1, 40:60] = 2
+    new = np.zeros(lab.shape, bool)
+    new[0, 49:50, :] = True  # the stroke pair on row 49 is this round's correction
+    held = fusion.holdout_masks([lab], 2, dims=2, seed=0, prefer=[new])[0]
+    assert held[0, 49, 2:20].all() and held[0, 49, 40:60].all()
+
+
+def test_a_class_with_a_single_stroke_is_cut_into_cells_for_holding_out():
+    lab = np.zeros((1, 64, 64), np.uint8)
+    lab[0, 10, 2:62] = 1
+    lab[0, 50, 2:62] = 2
+    held = fusion.holdout_masks([lab], 2, dims=2, seed=0)[0]
+    for k in (1, 2):
+        assert 0 < (held & (lab == k)).sum() < (lab == k).sum()

@@ -1,0 +1,93 @@
+"""A training round on arrays: strokes held out and scored, the fusion record and self-estimate
+filled in, and a warm-started round whose network scores worse on held-out strokes keeps the
+previous network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+from helpers_engine import TINY_PRESETS, square_image, square_strokes  # noqa: E402
+from semsegloop.learn.round import RoundImage, RoundSettings, run_round  # noqa: E402
+
+
+def _images(n=2):
+    out = []
+    for i in range(n):
+        img, _ = square_image(64, seed=i)
+        lab = square_strokes(64)
+        out.append(RoundImage(f"im{i}", img[None, :, :, None], lab[None]))
+    return out
+
+
+def _settings(round_index, lr=0.01, steps=40):
+    preset = {"name": "tiny2d", **TINY_PRESETS["tiny2d"], "learning_rate": lr}
+    return RoundSettings(n_classes=2, dims=2, channels=1, spacing=(1.0, 1.0, 1.0),
+                         preset=preset, round_index=round_index, steps=steps, device="cpu",
+                         class_names=["square", "background"])
+
+
+def test_a_round_holds_out_strokes_and_reports_its_own_accuracy():
+    out = run_round(_images(), _settings(1))
+    f = out.extra["fusion"]
+    assert f["held_out_pixels"] > 0 and 0.0 <= f["weight"] <= 1.0
+    est = f["estimate"]
+    assert set(est) >= {"fused", "network", "teacher"}
+    assert set(est["fused"]) == {"square", "background"}
+    # The fused estimate is never below either model alone (same held-out pixels).
+    assert np.mean(list(est["fused"].values())) >= np.mean(list(est["teacher"].values())) - 1e-9
+    assert out.extra["teacher"] is not None
+
+
+def test_a_regressing_warm_started_round_keeps_the_previous_model():
+    """The round's decision step with real models: the previous round's trained network
+    against a new one that lost what it knew (freshly initialised), scored with a real teacher
+    on held-out strokes of real images."""
+    import copy
+
+    from semsegloop.learn import training as tr
+    from semsegloop.learn.fusion import holdout_masks
+    from semsegloop.learn.networks import build_network
+    from semsegloop.learn.round import _fuse, plan_for
+    from semsegloop.learn.teacher import Teacher
+
+    settings = _settings(2)
+    first = run_round(_images(), _settings(1, steps=60))
+    previous = copy.deepcopy(first.model).eval()
+    images = _images()
+    held = holdout_masks([im.labels for im in images], 2, 2, seed=1)
+    train = [np.where(h, 0, im.labels).astype(np.uint8) for im, h in zip(images, held)]
+    t = Teacher(2, 2, (1.0, 1.0, 1.0))
+    X, (y, h) = t.samples([im.image for im in images], [im.labels > 0 for im in images],
+                          [[im.labels for im in images], held])
+    h = h.astype(bool)
+    t.fit(X[~h], y[~h].astype(np.uint8))
+    p_teacher, y_h = t.proba_samples(X[h]), y[h].astype(np.uint8)
+    plan = plan_for(settings, [im.labels.shape for im in images])
+    tr.seed_everything(5)
+    regressed = build_network(plan).eval()
+    stop = lambda: False  # noqa: E731
+    record, keep = _fuse(images, train, held, regressed, previous, plan, first.device,
+                         p_teacher, y_h, settings, ["square", "background"], stop, None)
+    assert keep is True and record["kept_previous"] is True
+    assert record["candidates"]["previous"] > record["candidates"]["new"]
+    # The other way round the new network stays.
+    record, keep = _fuse(images, train, held, previous, regressed, plan, first.device,
+                         p_teacher, y_h, settings, ["square", "background"], stop, None)
+    assert keep is False and "kept_previous" not in record
+
+
+def test_a_warm_round_that_improves_keeps_its_new_model():
+    first = run_round(_images(), _settings(1, steps=5))
+    start = {k: v.clone() for k, v in first.model.state_dict().items()}
+
+    def warm(model):
+        model.load_state_dict(start)
+        return "checkpoints/round_001"
+    out = run_round(_images(), _settings(2, steps=60), warm_start=warm)
+    assert out.extra["kept_previous"] is False
+    changed = any(not np.array_equal(v.numpy(), start[k].numpy())
+                  for k, v in out.model.state_dict().items())
+    assert changed

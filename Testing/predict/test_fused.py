@@ -1,0 +1,70 @@
+"""Fused prediction: the blend predict_full returns is exactly w * network + (1 - w) * teacher
+(+ grow-from-seeds on painted images), each model alone is available, labels + uncertainty
+can be had without keeping K probabilities, and a reopened project predicts the same."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+import semsegloop  # noqa: E402
+from helpers_engine import copy_project, square_image, square_strokes, tiny_models  # noqa: E402,F401
+
+
+@pytest.fixture(scope="module")
+def fused_project(tmp_path_factory, tiny_models):
+    path = tmp_path_factory.mktemp("fused") / "p"
+    proj = semsegloop.Project.create(path, ["square", "background"], dims=2, preset="tiny2d")
+    a = proj.add_image(square_image(64, seed=0)[0], name="a")
+    b = proj.add_image(square_image(64, seed=1)[0], name="b")
+    proj.set_labels(a, square_strokes(64))
+    proj.train(steps=20, device="cpu")
+    return path, a, b
+
+
+def test_fused_prediction_is_the_blend_of_its_parts(fused_project):
+    path, a, b = fused_project
+    proj = semsegloop.Project.open(path)
+    rnd = proj.rounds[-1]
+    assert rnd["teacher"] and "weight" in rnd["fusion"] and rnd["fusion"]["estimate"]
+    w = rnd["fusion"]["weight"]
+    # On the unpainted image b: network and teacher only.
+    pn = proj.predict_full(b, save=False, component="network").probabilities.astype(np.float32)
+    pt = proj.predict_full(b, save=False, component="teacher").probabilities.astype(np.float32)
+    fused = proj.predict_full(b, save=False).probabilities.astype(np.float32)
+    np.testing.assert_allclose(fused, w * pn + (1 - w) * pt, atol=2e-3)
+    np.testing.assert_allclose(pt.sum(axis=0), 1.0, atol=2e-3)
+    # On the painted image a, grow-from-seeds joins with the round's three-way weights.
+    from semsegloop.learn import seeded
+    if seeded.available() and rnd["fusion"].get("seeded_weights"):
+        wa, wb, wc = rnd["fusion"]["seeded_weights"]
+        pn = proj.predict_full(a, save=False, component="network").probabilities.astype(np.float32)
+        pt = proj.predict_full(a, save=False, component="teacher").probabilities.astype(np.float32)
+        ps = proj.predict_full(a, save=False, component="seeded").probabilities.astype(np.float32)
+        got = proj.predict_full(a, save=False).probabilities.astype(np.float32)
+        np.testing.assert_allclose(got, wa * pn + wb * pt + wc * ps, atol=3e-3)
+
+
+def test_labels_and_uncertainty_without_probabilities_match_the_full_prediction(fused_project):
+    path, _, b = fused_project
+    proj = semsegloop.Project.open(path)
+    full = proj.predict_full(b, save=False)
+    lean = proj.predict_full(b, save=False, keep_probabilities=False)
+    assert lean.probabilities is None
+    np.testing.assert_array_equal(lean.labels, full.labels)
+    np.testing.assert_allclose(lean.entropy.astype(np.float32), full.entropy.astype(np.float32),
+                               atol=2e-3)
+    # predict() of a (Y, X) image gives (Y, X) labels, the fused ones.
+    np.testing.assert_array_equal(proj.predict(b, save=False), full.labels[0])
+    assert proj.predict_proba(b).shape == (2, 64, 64)
+
+
+def test_a_reopened_project_refits_the_same_teacher(fused_project, tmp_path):
+    path, _, b = fused_project
+    first = semsegloop.Project.open(path).predict_full(b, save=False, component="teacher")
+    again = copy_project(path, tmp_path / "copy")
+    second = again.predict_full(b, save=False, component="teacher")
+    np.testing.assert_array_equal(first.probabilities, second.probabilities)
+    assert not list((tmp_path / "copy").rglob("*.pkl"))
