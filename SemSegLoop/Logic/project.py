@@ -527,6 +527,7 @@ class Project:
                 out = run_round(images, settings, warm_start=self._warm_start,
                                 make_validator=validator, progress=progress, cancel=cancel,
                                 log=logf, started=t_start)
+            strokes = {im.image_id: im.labels for im in images if im.labels.any()}
             del images
             n_steps, last_loss, cancelled, val = out.steps, out.final_loss, out.cancelled, out.val_dice
             seconds, plan, model, device_t = out.seconds, out.plan, out.model, out.device
@@ -544,11 +545,9 @@ class Project:
                 if out.extra.get("teacher") is not None:
                     from semsegloop.learn.teacher import save_teacher
                     save_teacher(self.path / "checkpoints", f"{name}_teacher", out.extra["teacher"],
-                                 {im.image_id: im.labels for im in images if im.labels.any()},
-                                 fusion)
+                                 strokes, fusion)
                     teacher_ckpt = f"checkpoints/{name}_teacher"
-                    self._teacher = (round_index, out.extra["teacher"], fusion,
-                                     {im.image_id: im.labels for im in images if im.labels.any()})
+                    self._teacher = (round_index, out.extra["teacher"], fusion, strokes)
                 self._meta["rounds"].append({
                     "round": round_index, "finished": _now(), "preset": preset_name,
                     "steps": n_steps, "seconds": round(seconds, 3), "final_loss": last_loss,

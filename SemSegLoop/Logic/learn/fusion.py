@@ -165,7 +165,8 @@ def per_class(p: np.ndarray, y: np.ndarray, n_classes: int, names: list[str]) ->
 
 
 def score_tiles(models: list, images: list[np.ndarray], held: list[np.ndarray], plan, device,
-                n_classes: int, deadline: float | None = None, cancel=None
+                n_classes: int, deadline: float | None = None, cancel=None,
+                labels: list[np.ndarray] | None = None
                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Network probabilities at held-out pixels, one forward pass per patch-sized tile, fullest
     tiles first, until ``deadline`` (perf_counter; at least one tile is always scored).
@@ -188,14 +189,25 @@ def score_tiles(models: list, images: list[np.ndarray], held: list[np.ndarray], 
         uniq, inv, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
         inv = inv.ravel()
         for t in range(len(uniq)):
-            tiles.append((int(counts[t]), n, uniq[t], coords[inv == t]))
+            pts = coords[inv == t]
+            tiles.append((int(counts[t]), n, uniq[t], pts,
+                          set(np.unique(labels[n][tuple(pts.T)]).tolist()) if labels else set()))
     tiles.sort(key=lambda t: -t[0])
+    # Fullest tile of every class first (those run even past the deadline: a weight chosen on
+    # one class would be blind to the others), then the rest by fullness.
+    first, seen = [], set()
+    for t in tiles:
+        if t[4] - seen:
+            first.append(t)
+            seen |= t[4]
+    rest = [t for t in tiles if not any(t is f for f in first)]
+    tiles = first + rest
     got = [[[] for _ in images] for _ in models]
     scored = [np.zeros(h.shape, bool) for h in held]
     for m in models:
         m.eval()
-    for done, (_, n, key, pts) in enumerate(tiles):
-        if done and deadline is not None and time.perf_counter() > deadline:
+    for done, (_, n, key, pts, _cls) in enumerate(tiles):
+        if done >= max(1, len(first)) and deadline is not None and time.perf_counter() > deadline:
             break
         if cancel is not None and cancel():
             raise InterruptedError("held-out scoring cancelled")

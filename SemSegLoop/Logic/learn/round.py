@@ -19,6 +19,7 @@ from semsegloop.errors import TrainingError
 
 # Share of the round's budget kept for scoring the networks on held-out strokes.
 SCORING_SHARE = 0.05
+WARM_UP_MIN_BUDGET_S = 30.0
 
 
 @dataclass
@@ -108,6 +109,11 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
 
     t_start = time.perf_counter() if started is None else started
     s = settings
+    if s.use_teacher and (s.time_budget_s is None or s.time_budget_s >= WARM_UP_MIN_BUDGET_S):
+        # Outside Slicer, importing its GrowCut takes seconds of CPU: only rounds long enough
+        # to hide it start it (shorter ones use it when it is already loaded).
+        from semsegloop.learn import seeded
+        seeded.warm_up()
     K = s.n_classes
     names = s.class_names or [str(k) for k in range(1, K + 1)]
     if not any(im.labels.any() for im in images):
@@ -117,7 +123,7 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
     logf = log or (lambda rec: None)
     pseudo: list = [None] * len(images)
     held = [np.zeros(im.labels.shape, bool) for im in images]
-    teacher_full = teacher_h = None
+    teacher_full = teacher_h = refit = None
     fusion: dict = {"weight": 1.0}
     p_teacher = y_h = None
     if s.use_teacher:
@@ -142,8 +148,13 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
                     break  # unpainted context images are optional
                 pseudo[n] = pseudo_from_proba(teacher_h.predict_proba(im.raw, stop),
                                               train_labels[n])
-            teacher_full = Teacher(K, s.dims, s.spacing, **kw).fit(X, y, stop) if h.any() else teacher_h
-            del X
+            if h.any():
+                # The forest prediction uses is re-fitted on all strokes while the student
+                # trains (sklearn releases the GIL; one core), joined after training.
+                refit = _Background(lambda: Teacher(K, s.dims, s.spacing, seed=s.seed,
+                                                    n_jobs=1).fit(X, y, stop))
+            else:
+                teacher_full = teacher_h
         except CancelledError:
             pseudo = [None] * len(images)
             teacher_full = teacher_h = None
@@ -184,6 +195,11 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
         batch_size=int(s.preset["batch_size"]), learning_rate=lr,
         steps=s.steps, time_budget_s=budget, progress=progress, cancel=cancel,
         validate=validate, log=logf, seed=s.seed)
+    if refit is not None:
+        try:
+            teacher_full = refit.join()
+        except CancelledError:
+            teacher_full, cancelled = teacher_h, True
     kept_previous = False
     if p_teacher is not None and n_steps > 0 and not cancelled:
         deadline = None
@@ -205,6 +221,30 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
                         cancelled=cancelled, val_dice=val, warm_start=warm, extra=extra)
 
 
+class _Background:
+    """Run ``fn`` on a thread; ``join()`` returns its result or raises its exception."""
+
+    def __init__(self, fn):
+        import threading
+
+        self.out: list = []
+        self.err: list = []
+
+        def run():
+            try:
+                self.out.append(fn())
+            except BaseException as e:  # handed to join()
+                self.err.append(e)
+        self.thread = threading.Thread(target=run, daemon=True, name="semsegloop-teacher-refit")
+        self.thread.start()
+
+    def join(self):
+        self.thread.join()
+        if self.err:
+            raise self.err[0]
+        return self.out[0]
+
+
 def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_all, y_all,
           s: RoundSettings, names, stop, deadline):
     """Score the new (and the previous) network, the teacher and grow-from-seeds on held-out
@@ -219,13 +259,13 @@ def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_a
     K = s.n_classes
     models = [model] + ([previous] if previous is not None else [])
     probs, scored = score_tiles(models, [im.image for im in images], held, plan, device, K,
-                                deadline, stop)
+                                deadline, stop, labels=[im.labels for im in images])
     rows = np.concatenate([sc[h] for sc, h in zip(scored, held) if h.any()])
     p_teacher, y_h = p_teacher_all[rows], y_all[rows]
     p_net = probs[0]
     record: dict = {"held_out_pixels": int(len(y_all)), "scored_pixels": int(len(y_h))}
     comps = {"network": p_net, "teacher": p_teacher}
-    if seeded.available():
+    if seeded.ready():
         # Grow from the training strokes only, then read the held-out pixels it reached.
         parts = []
         for im, lab, sc in zip(images, train_labels, scored):

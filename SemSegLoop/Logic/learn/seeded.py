@@ -12,12 +12,45 @@ from __future__ import annotations
 import numpy as np
 
 
+_loading: dict = {}
+
+
 def available() -> bool:
+    """Slicer's GrowCut can be used (imports it: seconds the first time outside Slicer)."""
     try:
         import slicer  # noqa: F401  (Slicer itself, or the slicer-core wheel)
     except ImportError:
         return False
     return hasattr(slicer, "vtkImageGrowCutSegment")
+
+
+def warm_up() -> None:
+    """Start importing Slicer's libraries in the background (a round calls this first, so
+    the import never takes time out of the training budget)."""
+    import importlib.util
+    import sys
+    import threading
+
+    if "thread" in _loading:
+        return
+    if "slicer" in sys.modules or importlib.util.find_spec("slicer") is None:
+        _loading["thread"] = None
+        return
+    t = threading.Thread(target=lambda: _loading.setdefault("ok", available()), daemon=True,
+                         name="semsegloop-slicer-import")
+    _loading["thread"] = t
+    t.start()
+
+
+def ready() -> bool:
+    """True once GrowCut is importable without waiting (already imported or warmed up)."""
+    import sys
+
+    t = _loading.get("thread")
+    if t is not None and t.is_alive():
+        return False
+    mod = sys.modules.get("slicer")
+    return mod is not None and hasattr(mod, "vtkImageGrowCutSegment")
 
 
 def _to_vtk(array: np.ndarray, spacing, vtk_type):

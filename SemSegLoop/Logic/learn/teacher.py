@@ -32,7 +32,7 @@ log = logging.getLogger("semsegloop")
 TEACHER_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
 MAX_SAMPLES_PER_CLASS = 20_000
 N_TREES = 64
-TREE_CHUNK = 8
+TREE_CHUNK = 16
 # Voxels of one feature block (3D) or pixels of one tile (2D): ~13-25 float32 features each,
 # so a block's features take a few hundred MB at most.
 BLOCK_VOXELS = 4_000_000
