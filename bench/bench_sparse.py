@@ -1,5 +1,6 @@
-"""Sparse-label benchmark: the engine (through the Project API) against an ilastik-style random
-forest, both trained on the same simulated strokes, scored on unseen images of real data.
+"""Sparse-label benchmark: the engine (through the Project API) against the classical tools a
+person would otherwise use on the same simulated strokes (an ilastik-style random forest and
+Slicer's Grow from seeds), scored on unseen images or unpainted voxels of real data.
 
 Run from the repository root (see bench/README.md):
     python bench/bench_sparse.py                 # all cases, 60 s of training per round
@@ -201,7 +202,9 @@ def run_engine(case: datasets.Case, strokes, args, workdir: Path, method: str = 
             result = proj.train(time_budget_s=budget, device=args.device,
                                 seed=args.seed, **ENGINE_VARIANTS[method])
             train_s = time.perf_counter() - t0
-        w = float((proj.rounds[-1].get("fusion") or {}).get("weight", 1.0))
+        fusion = proj.rounds[-1].get("fusion") or {}
+        w = float(fusion.get("weight", 1.0))
+        w3 = fusion.get("seeded_weights")
         has_teacher = bool(proj.rounds[-1].get("teacher"))
         scores = {m: Score(K) for m in ("fused", "net", "teacher")}
         log(f"{case.key}: {method} round {rnd} (w_net {w:.1f}), predicting {len(case.predict)} images")
@@ -215,8 +218,17 @@ def run_engine(case: datasets.Case, strokes, args, workdir: Path, method: str = 
                 pt = (proj.predict_full(ids[i], device=args.device, save=False, keep_strokes=False,
                                         component="teacher").probabilities.astype(np.float32)
                       if has_teacher else pn)
-                # The engine's fused prediction is exactly this blend (Testing/predict/test_fused.py).
-                fused = np.argmax(w * pn + (1 - w) * pt, axis=0).astype(np.uint8) + 1
+                # The engine's fused prediction is exactly this blend (Testing/predict/test_fused.py):
+                # network and teacher, plus grow-from-seeds on images painted in the round.
+                blend = w * pn + (1 - w) * pt
+                if w3 and i in case.paint and has_teacher:
+                    ps = proj.predict_full(ids[i], device=args.device, save=False,
+                                           keep_strokes=False, component="seeded"
+                                           ).probabilities.astype(np.float32)
+                    blend = w3[0] * pn + w3[1] * pt + w3[2] * ps
+                    del ps
+                fused = np.argmax(blend, axis=0).astype(np.uint8) + 1
+                del blend
                 if i in case.paint:
                     painted_pred[i] = fused
                     painted_s += time.perf_counter() - ti
@@ -230,7 +242,7 @@ def run_engine(case: datasets.Case, strokes, args, workdir: Path, method: str = 
                       budget_s=budget, steps=result.steps, device=result.device,
                       peak_train_mb=mem_train.peak_mb, peak_predict_mb=mem_pred.peak_mb,
                       delta_train_mb=mem_train.delta_mb, delta_predict_mb=mem_pred.delta_mb,
-                      weight=w, estimate=result.estimate,
+                      weight=w, weights3=w3, estimate=result.estimate,
                       kept_previous=bool((proj.rounds[-1].get("fusion") or {}).get("kept_previous")))
         name = "engine" if method == "engine" else method
         rows.append(_row(name, rnd, scores["fused"], labels, K, **common))
@@ -384,6 +396,8 @@ def print_case(res: dict) -> None:
         mem = f"{r['peak_train_mb']:.0f}/{r['peak_predict_mb']:.0f}"
         over = "*" if r.get("budget_s") and r["round_s"] > r["budget_s"] else " "
         extra = f"  {r['weight']:.1f}" if "weight" in r and not r.get("ablation") else ""
+        if r.get("weights3") and not r.get("ablation") and res.get("score_painted"):
+            extra += " (painted: net/teacher/seeds " + "/".join(f"{v:.1f}" for v in r["weights3"]) + ")"
         if r.get("kept_previous") and not r.get("ablation"):
             extra += " (kept previous network)"
         print(f"  {r['method']:<9} {r['round']:>3} {dice} {fmt(r['mean'], 6)} "
@@ -391,7 +405,8 @@ def print_case(res: dict) -> None:
               f"{r['round_s']:7.1f}{over} {steps:>6} {r['predict_s']:7.1f} {mem:>19}{extra}")
     for r in res["runs"]:
         if r["method"] == "engine" and r.get("estimate"):
-            est = r["estimate"].get("fused", {})
+            key = "fused_painted" if res.get("score_painted") and "fused_painted" in r["estimate"] else "fused"
+            est = r["estimate"].get(key, {})
             print(f"  engine self-estimate, round {r['round']} (held-out strokes, fused): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in est.items()))
     for v in res.get("verdicts", []):
@@ -509,9 +524,11 @@ def main(argv=None) -> int:
         settings["torch_threads"] = torch.get_num_threads()
     except ImportError:
         pass
-    print(f"SemSegLoop sparse-label benchmark: engine vs random forest (multiscale features, "
-          f"100 trees); engine budget {args.train_seconds:g} s per round; "
-          f"{os.cpu_count()} CPU cores; data {args.data}")
+    print(f"SemSegLoop sparse-label benchmark: engine (fused) vs the classical anchors on the same "
+          f"strokes: random forest (multiscale features, 100 trees) and Slicer's Grow from seeds; "
+          f"budget {args.train_seconds:g} s per round (2D), {args.seconds_3d:g} s per 200^3 "
+          f"voxels, at least {args.min_3d_seconds:g} s (3D); {os.cpu_count()} CPU cores "
+          f"(load average at start {os.getloadavg()[0]:.1f}); data {args.data}")
     report = {"settings": settings, "cases": [], "first_prediction": None, "skipped": []}
     own_tmp = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="semsegloop_bench_")) if own_tmp else args.workdir
