@@ -464,6 +464,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", default="engine,rf,growcut",
                    help="comma-separated: engine (the default training), ce (ablation: masked "
                         "cross-entropy on strokes only), rf (baseline); default all three")
+    p.add_argument("--no-prefer-new", action="store_true",
+                   help="ablation: held-out strokes drawn from all strokes, not new ones first")
     p.add_argument("--seconds-3d", type=float, default=120.0,
                    help="volume round budget per 200^3 painted voxels (default 120)")
     p.add_argument("--min-3d-seconds", type=float, default=30.0,
@@ -514,7 +516,10 @@ def main(argv=None) -> int:
         return 0
     import semsegloop
 
-    settings = dict(train_seconds=args.train_seconds, first_seconds=args.first_seconds,
+    if args.no_prefer_new:
+        import semsegloop.learn.round as round_module
+        round_module.PREFER_NEW_STROKES = False
+    settings = dict(no_prefer_new=args.no_prefer_new, train_seconds=args.train_seconds, first_seconds=args.first_seconds,
                     quick=args.quick, pixels=args.pixels, seed=args.seed, device=args.device,
                     methods=args.methods, cases=args.cases, data=str(args.data),
                     cpu_count=os.cpu_count(), semsegloop=semsegloop.__version__)

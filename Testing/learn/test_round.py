@@ -54,7 +54,7 @@ def test_a_regressing_warm_started_round_keeps_the_previous_model():
     from semsegloop.learn.teacher import Teacher
 
     settings = _settings(2)
-    first = run_round(_images(), _settings(1, steps=60))
+    first = run_round(_images(), _settings(1, steps=30))
     previous = copy.deepcopy(first.model).eval()
     images = _images()
     held = holdout_masks([im.labels for im in images], 2, 2, seed=1)
@@ -86,7 +86,7 @@ def test_a_warm_round_that_improves_keeps_its_new_model():
     def warm(model):
         model.load_state_dict(start)
         return "checkpoints/round_001"
-    out = run_round(_images(), _settings(2, steps=60), warm_start=warm)
+    out = run_round(_images(), _settings(2, steps=30), warm_start=warm)
     assert out.extra["kept_previous"] is False
     changed = any(not np.array_equal(v.numpy(), start[k].numpy())
                   for k, v in out.model.state_dict().items())

@@ -20,6 +20,10 @@ from semsegloop.errors import TrainingError
 # Share of the round's budget kept for scoring the networks on held-out strokes.
 SCORING_SHARE = 0.05
 WARM_UP_MIN_BUDGET_S = 30.0
+# Hold out this round's new strokes first (so a warm-started network, which saw the old ones,
+# is scored on strokes it never saw). Corrections sit where the last result was wrong, so
+# they also score the models that made that result low.
+PREFER_NEW_STROKES = True
 
 
 @dataclass
@@ -129,7 +133,8 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
     if s.use_teacher:
         new = [None if im.previous is None else (im.labels > 0) & ~im.previous for im in images]
         held = holdout_masks([im.labels for im in images], K, s.dims,
-                             seed=s.seed + s.round_index, prefer=new)
+                             seed=s.seed + s.round_index,
+                             prefer=new if PREFER_NEW_STROKES else None)
     train_labels = [np.where(h, 0, im.labels).astype(np.uint8) for im, h in zip(images, held)]
     if s.use_teacher:
         t0 = time.perf_counter()
