@@ -119,7 +119,7 @@ def test_read_only_opening_works_beside_a_writer_and_writes_nothing(tmp_path, ti
     reader = semsegloop.Project.open(tmp_path / "p", read_only=True)
     assert reader.read_only and not writer.read_only
     labels = reader.predict(image_id)            # predicting works; nothing is saved
-    assert labels.shape == (1, 64, 64) and reader.evaluate({image_id: labels})["images"]
+    assert labels.shape == (64, 64) and reader.evaluate({image_id: labels})["images"]
     assert snapshot() == before
     for call in (lambda: reader.set_labels(image_id, square_strokes(64)),
                  lambda: reader.add_image(np.zeros((8, 8), np.float32)),

@@ -464,6 +464,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", default="engine,rf,growcut",
                    help="comma-separated: engine (the default training), ce (ablation: masked "
                         "cross-entropy on strokes only), rf (baseline); default all three")
+    p.add_argument("--max-unseen", type=int, default=None,
+                   help="score at most this many unseen images per 2D collection (spread)")
     p.add_argument("--no-prefer-new", action="store_true",
                    help="ablation: held-out strokes drawn from all strokes, not new ones first")
     p.add_argument("--seconds-3d", type=float, default=120.0,
@@ -541,7 +543,7 @@ def main(argv=None) -> int:
     try:
         for key in args.cases:
             try:
-                case = datasets.load(key, args.data, quick=args.quick)
+                case = datasets.load(key, args.data, quick=args.quick, max_unseen=args.max_unseen)
             except FileNotFoundError as e:
                 print(f"\n{key}: skipped ({e})")
                 report["skipped"].append({"case": key, "why": str(e)})

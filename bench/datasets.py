@@ -249,8 +249,12 @@ LOADERS = {
 }
 
 
-def load(key: str, data: Path = DEFAULT_DATA, quick: bool = False) -> Case:
-    """The benchmark's case ``key``; ``quick`` keeps few unseen images for a smoke run."""
+def load(key: str, data: Path = DEFAULT_DATA, quick: bool = False,
+         max_unseen: int | None = None) -> Case:
+    """The benchmark's case ``key``; ``quick`` keeps few unseen images for a smoke run,
+    ``max_unseen`` at most that many (spread) unseen images of a 2D collection."""
+    if max_unseen is not None and key in ("isbi", "nuclei", "drosophila"):
+        return LOADERS[key](data, max_unseen=max_unseen)
     if key not in LOADERS:
         raise KeyError(f"unknown case {key!r}; choose from {', '.join(LOADERS)}")
     if key == "hippocampus":

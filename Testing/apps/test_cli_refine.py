@@ -73,7 +73,7 @@ def test_refine_and_suggest_on_files(trained_dir, tmp_path, capsys):
     assert (refined[strokes > 0] == 1).all()
     proj = semsegloop.Project.open(proj_dir, read_only=True)
     np.testing.assert_array_equal(proj.refined_prediction(image_id), refined)
-    assert (proj.labels(image_id)[strokes > 0] == 1).all()
+    assert (proj.labels(image_id).reshape(strokes.shape)[strokes > 0] == 1).all()
     imageio.write_labels(sfile, strokes, imageio.Geometry.identity((1.0, 2.0, 2.0)))
     assert main(["refine", str(proj_dir), image_id, str(sfile)]) == 2
     assert "different grid" in _error_line(capsys)

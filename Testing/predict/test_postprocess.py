@@ -99,15 +99,15 @@ def test_settings_are_checked_with_messages_naming_the_class_and_option():
 def test_project_stores_settings_and_applies_them_when_predicting(tmp_path, tiny_models):
     proj, image_id, ref = make_square_project(tmp_path / "p")
     proj.train(steps=30, device="cpu", seed=0)
-    raw = proj.predict(image_id, device="cpu", postprocess=False)
+    raw = proj.predict(image_id, device="cpu", postprocess=False).reshape(ref.shape)
     proj.set_postprocessing({"square": {"largest_component": True, "fill_holes": True}})
     stored = json.loads((tmp_path / "p" / "project.json").read_text())["postprocessing"]
     assert stored == {"1": {"largest_component": True, "fill_holes": True}}
     proj.close()
     reopened = copy_project(tmp_path / "p", tmp_path / "q")
     assert reopened.postprocessing == stored
-    cleaned = reopened.predict(image_id, device="cpu")
+    cleaned = reopened.predict(image_id, device="cpu").reshape(ref.shape)
     expected = postprocess_labels(raw, stored, reopened.geometry(image_id).spacing, 2,
-                                  strokes=reopened.labels(image_id))
+                                  strokes=reopened.labels(image_id).reshape(ref.shape))
     np.testing.assert_array_equal(cleaned, expected)
-    np.testing.assert_array_equal(reopened.saved_prediction(image_id), cleaned)
+    np.testing.assert_array_equal(reopened.saved_prediction(image_id).reshape(ref.shape), cleaned)

@@ -89,8 +89,9 @@ def predicted(tmp_path_factory, tiny_models):
 
 
 def _click_on_error(proj, image_id, ref):
-    pred = proj.saved_prediction(image_id)
-    err = (pred != ref) & (proj.labels(image_id) == 0)
+    # (Y, X) image: predictions and labels come back (Y, X); the reference is (1, Y, X).
+    pred = proj.saved_prediction(image_id).reshape(ref.shape)
+    err = (pred != ref) & (proj.labels(image_id).reshape(ref.shape) == 0)
     click = np.zeros_like(ref)
     if err.any():
         z, yy, xx = np.nonzero(err)
@@ -103,11 +104,11 @@ def _click_on_error(proj, image_id, ref):
 def test_refine_saves_the_refined_map_keeps_strokes_and_adds_them_to_the_labels(predicted, tmp_path):
     path, image_id, ref = predicted
     proj = copy_project(path, tmp_path / "p")
-    before = proj.labels(image_id)
+    before = proj.labels(image_id).reshape(ref.shape)
     click = _click_on_error(proj, image_id, ref)
     out = proj.refine(image_id, click)
     assert out.shape == ref.shape and out.dtype == np.uint8 and out.min() >= 1
-    labels = proj.labels(image_id)
+    labels = proj.labels(image_id).reshape(ref.shape)
     painted = labels > 0
     np.testing.assert_array_equal(out[painted], labels[painted])
     assert (labels[click > 0] == click[click > 0]).all() and painted.sum() >= (before > 0).sum()
@@ -123,7 +124,7 @@ def test_passing_the_whole_labels_gives_the_same_result_as_only_the_new_strokes(
     b = copy_project(path, tmp_path / "b")
     click = _click_on_error(a, image_id, ref)
     only_new = a.refine(image_id, click)
-    whole = b.labels(image_id)
+    whole = b.labels(image_id).reshape(ref.shape)
     whole[click > 0] = click[click > 0]
     np.testing.assert_array_equal(b.refine(image_id, whole), only_new)
     np.testing.assert_array_equal(a.labels(image_id), b.labels(image_id))

@@ -161,7 +161,6 @@ def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_siz
     last_val_t = t0
     step, last_loss, rate, val = 0, None, None, None
     cancelled = False
-    last_dt = 0.0
     with cancel_inside(model, is_cancelled):
         try:
             while True:
@@ -169,10 +168,6 @@ def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_siz
                 frac = max(step / steps if steps else 0.0,
                            elapsed / time_budget_s if time_budget_s else 0.0)
                 if frac >= 1.0:
-                    break
-                # A step that would end more than half a step past the budget is not started
-                # (on a loaded CPU one 3D step can take seconds); the first step always runs.
-                if time_budget_s and step and elapsed + 0.5 * last_dt > time_budget_s:
                     break
                 if is_cancelled():
                     cancelled = True
@@ -201,7 +196,6 @@ def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_siz
                                         f"check the image normalisation or lower the learning "
                                         f"rate")
                 dt = time.perf_counter() - ts
-                last_dt = dt
                 inst = batch_size / max(dt, 1e-6)
                 rate = inst if rate is None else 0.8 * rate + 0.2 * inst
                 now = time.perf_counter()
