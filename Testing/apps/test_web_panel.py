@@ -36,6 +36,11 @@ def test_bad_budget_and_stop_when_idle_are_refused():
     for bad in ("ten", -1, 0, float("nan")):
         with pytest.raises(panel.WebInputError, match="Time budget"):
             m.start_train(bad)
+    for bad in ("x", 2.5, -3):
+        with pytest.raises(panel.WebInputError, match="Steps"):
+            m.start_train(10, steps=bad)
+    assert panel.PanelModel().start_train(10, steps="40") == {"steps": 40}
+    assert panel.PanelModel().start_train(10, steps=0) == {"time_budget_s": 10.0}
     assert not m.busy
     with pytest.raises(panel.WebInputError, match="nothing is running"):
         m.stopping()

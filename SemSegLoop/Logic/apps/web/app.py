@@ -53,6 +53,7 @@ class WebApp:
         self.model = panel.PanelModel()
         self._save_handle = None
         self._last_change = 0.0
+        self._binding = False
         self.editor.segmentation_modified.connect(self._on_segmentation_modified)
         self._init_state(project_dir, sample_dir)
         self._build_ui()
@@ -83,12 +84,14 @@ class WebApp:
         s.smoothing_kernel_mm = 3.0
         s.edit_target = "labels"
         s.time_budget_s = 30.0
+        s.train_steps = 0
         s.predict_after_train = True
         s.show_uncertainty = True
         s.export_dir = ""
         s.fractions_rows = []
         s.fractions_csv = ""
         s.prediction_shown = ""
+        s.prediction_edits = 0
         s.labels_saved = 0
         s.has_refine = False
         s.has_suggest = False
@@ -166,8 +169,12 @@ class WebApp:
     def _bind_editor(self):
         node = (self.image_scene.prediction_node if self.state.edit_target == "prediction"
                 and self.image_scene.prediction_node is not None else self.image_scene.labels_node)
-        self.editor.set_active_segmentation(node, self.image_scene.volume)
-        self.editor.set_surface_representation_enabled(False)
+        self._binding = True      # set_active_segmentation re-emits segmentation_modified
+        try:
+            self.editor.set_active_segmentation(node, self.image_scene.volume)
+            self.editor.set_surface_representation_enabled(False)
+        finally:
+            self._binding = False
         self._select_class_segment()
         self._apply_effect()
 
@@ -227,7 +234,14 @@ class WebApp:
         self._apply_effect()
 
     def _on_segmentation_modified(self, *_):
-        if self.image_scene is None or self.editor.active_segmentation_node is not self.image_scene.labels_node:
+        if self.image_scene is None or self._binding:
+            return
+        if (self.image_scene.prediction_node is not None and
+                self.editor.active_segmentation_node is self.image_scene.prediction_node):
+            with self.state:   # the page says the prediction was edited (Copy takes the edit)
+                self.state.prediction_edits += 1
+            return
+        if self.editor.active_segmentation_node is not self.image_scene.labels_node:
             return
         self._last_change = time.perf_counter()
         loop = asyncio.get_event_loop_policy().get_event_loop()
@@ -264,7 +278,7 @@ class WebApp:
         return {self.state.image_id: self.image_scene.labels()}
 
     def train(self):
-        request = self.model.start_train(self.state.time_budget_s)
+        request = self.model.start_train(self.state.time_budget_s, self.state.train_steps)
         self.engine.train(labels=self._snapshot(), **request)
 
     def _train_or_stop(self):
@@ -365,6 +379,7 @@ class WebApp:
             if fg is not None:
                 view.set_foreground_opacity(0.35)
         self.state.prediction_shown = f"SemSegLoop round {round_index}"
+        self.state.prediction_edits = 0
         if self.state.edit_target == "prediction":
             self._bind_editor()
 

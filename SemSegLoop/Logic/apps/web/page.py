@@ -104,8 +104,12 @@ def build_page(app) -> None:
                                  density="compact", hide_details=True, classes="ml-2")
 
                 _section(html, "Train")
-                v.VTextField(v_model_number=("time_budget_s",), label="Time budget (s)", type="number",
-                             density="compact", hide_details=True, id="time-budget")
+                with html.Div(classes="d-flex"):
+                    v.VTextField(v_model_number=("time_budget_s",), label="Time budget (s)",
+                                 type="number", density="compact", hide_details=True, id="time-budget")
+                    v.VTextField(v_model_number=("train_steps",), label="or steps (0: time)",
+                                 type="number", density="compact", hide_details=True, classes="ml-2",
+                                 id="train-steps")
                 v.VCheckbox(v_model=("predict_after_train",),
                             label="Predict the current image when training ends",
                             density="compact", hide_details=True)
@@ -124,7 +128,8 @@ def build_page(app) -> None:
                            disabled=("!!engine_job",), density="compact", classes="ml-2", id="predict-all")
                 v.VCheckbox(v_model=("show_uncertainty",), label="Show uncertainty map",
                             density="compact", hide_details=True)
-                html.Div("{{ prediction_shown ? prediction_shown + ' shown' : 'No prediction shown' }}",
+                html.Div("{{ prediction_shown ? prediction_shown + ' shown' + "
+                         "(prediction_edits ? ', edited ' + prediction_edits : '') : 'No prediction shown' }}",
                          id="prediction-shown")
 
                 _section(html, "Correct")

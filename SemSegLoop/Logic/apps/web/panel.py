@@ -41,7 +41,6 @@ class PanelModel:
         self.losses: list[float] = []
         self.round = 0
         self.stopping_since = None
-        self._budget_s = None
 
     # ------------------------------------------------------------------ starting jobs
     def _check_idle(self, what: str) -> None:
@@ -49,20 +48,32 @@ class PanelModel:
             raise WebInputError(f"{JOB_TITLES[self.busy].lower()} is still running; wait for it "
                                 f"or press Stop before {what}")
 
-    def start_train(self, time_budget_s) -> dict:
-        """Validate the budget and enter the training state; returns the train request fields."""
+    def start_train(self, time_budget_s, steps=None) -> dict:
+        """Validate the budget (seconds, or a fixed number of steps when ``steps`` is a positive
+        whole number) and enter the training state; returns the train request's fields."""
         self._check_idle("training again")
-        try:
-            budget = float(time_budget_s)
-        except (TypeError, ValueError):
-            raise WebInputError(f"Time budget '{time_budget_s}' is not a number of seconds") from None
-        if not math.isfinite(budget) or budget <= 0:
-            raise WebInputError(f"Time budget must be a positive number of seconds, got {time_budget_s}")
+        fields = {}
+        if steps not in (None, "", 0, "0"):
+            try:
+                n = float(steps)
+            except (TypeError, ValueError):
+                raise WebInputError(f"Steps '{steps}' is not a whole number") from None
+            if not math.isfinite(n) or n < 1 or n != int(n):
+                raise WebInputError(f"Steps must be a whole number of at least 1 (0: use the time "
+                                    f"budget), got {steps}")
+            fields["steps"] = int(n)
+        else:
+            try:
+                budget = float(time_budget_s)
+            except (TypeError, ValueError):
+                raise WebInputError(f"Time budget '{time_budget_s}' is not a number of seconds") from None
+            if not math.isfinite(budget) or budget <= 0:
+                raise WebInputError(f"Time budget must be a positive number of seconds, got {time_budget_s}")
+            fields["time_budget_s"] = budget
         self.start_job("train")
         self.losses = []
-        self._budget_s = budget
         self.status = f"Training round {self.round + 1} ..."
-        return {"time_budget_s": budget}
+        return fields
 
     def start_predict(self, scope: str) -> None:
         if scope not in ("current", "all"):
