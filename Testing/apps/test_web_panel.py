@@ -106,3 +106,15 @@ def test_host_rules_and_page_url():
     assert panel.mask_range(200, 10) == (10.0, 200.0)
     assert "Nothing copied" in panel.copied_message({1: 0, 2: 0}, ["a", "b"])
     assert panel.copied_message({1: 5, 2: 0}, ["a", "b"]) == "Copied 5 predicted pixels into the labels (a 5)."
+
+
+def test_suggest_message_names_the_image_and_slice(tmp_path):
+    with Project.create(tmp_path / "p", ["a", "b"], dims=2) as p:
+        p.add_image(np.zeros((8, 8), np.uint8), name="left tile")
+    p = Project.open(tmp_path / "p", read_only=True)
+    msg = panel.suggest_message([{"image_id": "left_tile", "slice": 0, "score": 0.41}], p)
+    assert msg.startswith("Paint next: left tile (uncertainty 0.41)")
+    assert "slice 3" in panel.suggest_message([{"image_id": "left_tile", "slice": 3, "score": 0.2}], p)
+    assert "every image is painted" in panel.suggest_message([], p)
+    rows = panel.images_for_page(p, [{"image_id": "left_tile", "slice": 2}, {"image_id": "left_tile", "slice": 5}])
+    assert rows[0]["rank"] == 1

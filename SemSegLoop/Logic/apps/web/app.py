@@ -107,8 +107,7 @@ class WebApp:
 
         self.project = Project.open(path, read_only=True)   # the service is the writer
         self.state.project_path = str(self.project.path)
-        self.state.has_refine = hasattr(self.project, "refine")
-        self.state.has_suggest = hasattr(self.project, "suggest")
+        self._ranking = None
         self.state.export_dir = str(self.project.path / "results")
         self._refresh_classes()
         self._refresh_images()
@@ -141,13 +140,8 @@ class WebApp:
         self.state.classes = panel.classes_for_page(self.project.classes)
 
     def _refresh_images(self):
-        ranking = None
-        if hasattr(self.project, "suggest"):
-            try:
-                ranking = self.project.suggest()
-            except SemSegLoopError as e:  # no model yet: no ranking, say why
-                log.info("no suggestion ranking: %s", e)
-        self.state.images = panel.images_for_page(self.project, ranking)
+        # The Suggest ranking comes from the service's "suggest" op (it may predict images).
+        self.state.images = panel.images_for_page(self.project, self._ranking)
 
     def select_image(self, image_id) -> None:
         self._flush_labels()
@@ -314,8 +308,15 @@ class WebApp:
         self.engine.fractions(str(self.project.path / "results" / "class_fractions.csv"))
 
     def refine(self):
+        """Correct the shown prediction with the labels on screen, without retraining."""
+        if self.image_scene is None:
+            raise panel.WebInputError("open an image first")
         self.model.start_job("refine")
-        self.engine.refine([self.state.image_id])
+        self.engine.refine(self.state.image_id, self.image_scene.labels())
+
+    def suggest(self):
+        self.model.start_job("suggest")
+        self.engine.suggest(n=max(1, len(self.project.image_ids)))
 
     def _reopen(self):
         """Read the project again (the service is its writer; the page only reads it)."""
@@ -333,6 +334,10 @@ class WebApp:
                     self._refresh_images()
                 elif ev.get("op") == "set_classes":
                     self._refresh_classes()
+            return
+        if ev.get("job") == "service" and ev.get("event") == "ready":
+            ops = set(ev.get("ops") or ())
+            self.state.has_refine, self.state.has_suggest = "refine" in ops, "suggest" in ops
             return
         if ev.get("job") == "service" and ev.get("event") == "crashed":
             self.model.on_event(ev)
@@ -357,6 +362,21 @@ class WebApp:
             rows, csv_text = panel.read_fractions(Path(ev.get("csv_path") or
                                                        self.project.path / "results" / "class_fractions.csv"))
             self.state.fractions_rows, self.state.fractions_csv = rows, csv_text
+        elif outcome == "suggest_done":
+            self._ranking = ev.get("suggestions") or []
+            self._refresh_images()
+            self.model.say(panel.suggest_message(self._ranking, self.project))
+        elif outcome == "refine_done":
+            from semsegloop.data import imageio
+
+            if ev.get("image_id") == self.state.image_id and ev.get("output"):
+                labels, _ = imageio.read_labels(self.project.path / ev["output"])
+                self.image_scene.show_prediction(labels, int(ev.get("round") or self.project.round))
+                self.state.prediction_shown = f"SemSegLoop round {self.image_scene.prediction_round} refined"
+                self.state.prediction_edits = 0
+                if self.state.edit_target == "prediction":
+                    self._bind_editor()
+            self._refresh_images()
         elif outcome == "export_done":
             self.model.say(f"Exported {len(ev.get('outputs') or [])} label maps to {self.state.export_dir}.")
 

@@ -31,21 +31,27 @@ class ServiceEngine:
         self._reported_exit = None
 
     # ------------------------------------------------------------------ edits
-    def save_labels(self, image_id: str, labels: np.ndarray) -> None:
-        """Write the labels into the project's inbox and ask the service to store them."""
+    def _inbox_labels(self, image_id: str, labels: np.ndarray) -> str:
+        """Write labels of an image atomically into the project's inbox; returns the path the
+        request names (relative to the project)."""
+        import json
+
         from semsegloop.data import imageio
         from semsegloop.data.imageio import Geometry
-        import json
+        from semsegloop.errors import ProjectError
 
         meta = json.loads((self.project_dir / "project.json").read_text(encoding="utf-8"))
         entry = next((im for im in meta["images"] if im["id"] == image_id), None)
         if entry is None:
-            from semsegloop.errors import ProjectError
             raise ProjectError(f"no image '{image_id}' in project '{self.project_dir}'")
         rel = f"{INBOX}/web-{uuid.uuid4().hex[:12]}/{image_id}.nrrd"
         imageio.write_labels(self.project_dir / rel, np.asarray(labels, np.uint8),
                              Geometry.from_json(entry["geometry"]))
-        self.client.request("set_labels", labels={image_id: rel})
+        return rel
+
+    def save_labels(self, image_id: str, labels: np.ndarray) -> None:
+        """Write the labels into the project's inbox and ask the service to store them."""
+        self.client.request("set_labels", labels={image_id: self._inbox_labels(image_id, labels)})
 
     def set_classes(self, classes: list[dict]) -> None:
         self.client.request("set_classes", classes=[{"name": c["name"], "color": list(c["color"])}
@@ -66,8 +72,13 @@ class ServiceEngine:
     def fractions(self, csv_path: str) -> None:
         self.job = self.client.request("fractions", csv_path=csv_path)
 
-    def refine(self, image_ids) -> None:
-        self.job = self.client.request("refine", image_ids=image_ids)
+    def refine(self, image_id: str, strokes: np.ndarray) -> None:
+        """Refine the image's latest prediction with ``strokes`` (the labels on screen)."""
+        rel = self._inbox_labels(image_id, strokes)
+        self.job = self.client.request("refine", image_id=image_id, strokes=rel)
+
+    def suggest(self, n: int = 3) -> None:
+        self.job = self.client.request("suggest", n=int(n))
 
     def cancel(self) -> None:
         """Stop: a cancel now; the client kills the process if the job is not over in 2 s."""

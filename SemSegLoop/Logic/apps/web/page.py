@@ -70,6 +70,9 @@ def build_page(app) -> None:
                     v.VBtn("Open / create", click=g(app.create_project), block=True, id="create")
 
                 _section(html, "Images")
+                v.VBtn("Suggest where to paint", v_if="has_suggest", click=g(app.suggest),
+                       disabled=("!!engine_job || !round",), density="compact", block=True,
+                       id="suggest")
                 with v.VList(density="compact", max_height=160, id="images"):
                     with v.VListItem(v_for="im in images", key="im.id",
                                      active=("im.id === image_id",),

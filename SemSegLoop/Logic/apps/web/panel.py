@@ -17,7 +17,8 @@ from pathlib import Path
 from semsegloop.errors import SemSegLoopError
 
 JOB_TITLES = {"train": "Training", "predict": "Predicting", "export": "Exporting",
-              "fractions": "Counting class fractions", "refine": "Refining"}
+              "fractions": "Counting class fractions", "refine": "Refining",
+              "suggest": "Ranking images"}
 LOSS_POINTS = 200   # the chart keeps the last this many steps
 
 
@@ -251,7 +252,7 @@ def images_for_page(project, ranking=None) -> list[dict]:
     if ranking:
         for i, item in enumerate(ranking, 1):
             image_id = item.get("image_id", item.get("id")) if isinstance(item, dict) else item
-            rank[image_id] = i
+            rank.setdefault(image_id, len(rank) + 1)   # 3D: several slices of one image
     rows = []
     for image_id in project.image_ids:
         info = project.image_info(image_id)
@@ -261,6 +262,17 @@ def images_for_page(project, ranking=None) -> list[dict]:
     if rank:
         rows.sort(key=lambda r: (r["rank"] is None, r["rank"] or 0))
     return rows
+
+
+def suggest_message(suggestions: list[dict], project) -> str:
+    if not suggestions:
+        return "Nothing to suggest: every image is painted."
+    first = suggestions[0]
+    name = project.image_info(first["image_id"])["name"] if first.get("image_id") in project.image_ids \
+        else first.get("image_id")
+    where = f" slice {first['slice']}" if first.get("slice") not in (None, 0) else ""
+    return (f"Paint next: {name}{where} (uncertainty {float(first.get('score', 0)):.2f}); "
+            "the images list is ranked.")
 
 
 def read_fractions(path: Path) -> tuple[list[dict], str]:
