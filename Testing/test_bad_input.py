@@ -380,8 +380,8 @@ def test_a_4x4_image_trains_and_predicts_beside_a_big_one(tmp_path, tiny_models)
     proj.set_labels(small, lab)
     proj.train(steps=2, device="cpu")
     pred = proj.predict(small, save=False, keep_strokes=False)
-    assert pred.shape == (1, 4, 4) and pred.min() >= 1 and pred.max() <= 2
-    assert proj.predict(big, save=False).shape == (1, 64, 64)
+    assert pred.shape == (4, 4) and pred.min() >= 1 and pred.max() <= 2   # added as (Y, X)
+    assert proj.predict(big, save=False).shape == (64, 64)
 
 
 def test_an_rgb_array_added_to_a_grey_project_is_refused_not_stored_as_slices(project):
@@ -514,4 +514,4 @@ def test_a_read_only_folder_is_refused_up_front_and_can_still_be_read(trained, t
         assert str(copy) in str(info.value) and ".tmp" not in str(info.value)
         assert "read_only=True" in str(info.value)
         viewer = semsegloop.Project.open(copy, read_only=True)
-        assert viewer.predict(image_id).shape == (1, 64, 64)
+        assert viewer.predict(image_id).shape == (64, 64)

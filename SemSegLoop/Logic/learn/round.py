@@ -191,7 +191,9 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
     budget = None
     scoring = 0.0
     if s.time_budget_s is not None:  # preparation (teacher, features) counts in the budget
-        scoring = SCORING_SHARE * s.time_budget_s if p_teacher is not None else 0.0
+        # Rounds too short to hide it score within their budget's last step instead.
+        scoring = (SCORING_SHARE * s.time_budget_s
+                   if p_teacher is not None and s.time_budget_s >= WARM_UP_MIN_BUDGET_S else 0.0)
         budget = max(1.0, s.time_budget_s - (time.perf_counter() - t_start) - s.reserve_s - scoring)
     # A warm-started model is refined, not retrained: a lower rate keeps what it knew.
     lr = float(s.preset["learning_rate"]) * (0.5 if warm else 1.0)
