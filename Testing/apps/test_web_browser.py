@@ -110,8 +110,12 @@ class Page:
         self.d.execute_script(f"document.getElementById('{element_id}').click()")
 
     def text(self, element_id: str) -> str:
-        els = self.d.find_elements(By.ID, element_id)
-        return els[0].text if els else ""
+        # Read in one script: Vue may replace the element between a find and a .text
+        # (StaleElementReferenceException seen in CI).
+        value = self.d.execute_script(
+            "const e = document.getElementById(arguments[0]); return e ? e.innerText : '';",
+            element_id)
+        return (value or "").strip()
 
     def view(self):
         return self.d.find_elements(By.CSS_SELECTOR, "#views img")[0]
