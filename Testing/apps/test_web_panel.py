@@ -118,3 +118,26 @@ def test_suggest_message_names_the_image_and_slice(tmp_path):
     assert "every image is painted" in panel.suggest_message([], p)
     rows = panel.images_for_page(p, [{"image_id": "left_tile", "slice": 2}, {"image_id": "left_tile", "slice": 5}])
     assert rows[0]["rank"] == 1
+
+
+def test_open_or_create_reads_the_page_fields(tmp_path):
+    img = tmp_path / "cells.png"
+    from PIL import Image
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(img)
+    with pytest.raises(panel.WebInputError, match="type a project folder"):
+        panel.new_project_request(" ", img, "a,b", "2")
+    with pytest.raises(panel.WebInputError, match="type the image file or folder"):
+        panel.new_project_request(tmp_path / "new", "", "a,b", "2")
+    with pytest.raises(panel.WebInputError, match="does not exist"):
+        panel.new_project_request(tmp_path / "new", tmp_path / "missing.tif", "a,b", "2")
+    with pytest.raises(panel.WebInputError, match="at least two classes"):
+        panel.new_project_request(tmp_path / "new", img, "cell, ", "2")
+    with pytest.raises(panel.WebInputError, match="2D or 3D"):
+        panel.new_project_request(tmp_path / "new", img, "a,b", "4")
+    with pytest.raises(panel.WebInputError, match="is not a SemSegLoop project"):
+        panel.new_project_request(tmp_path, img, "a,b", "2")       # holds cells.png
+    target, source, names, dims = panel.new_project_request(f" {tmp_path / 'new'} ", img, "cell, background", "3")
+    assert (target, source, names, dims) == (tmp_path / "new", img, ["cell", "background"], 3)
+    with Project.create(tmp_path / "p", ["a", "b"], dims=2):
+        pass
+    assert panel.new_project_request(tmp_path / "p", "", "", "") == (tmp_path / "p", None, [], 0)

@@ -20,6 +20,7 @@ from semsegloop.errors import SemSegLoopError
 log = logging.getLogger("semsegloop.web")
 
 POLL_S = 0.2
+UNCERTAINTY_OPACITY = 0.6   # of the map's uncertain pixels; confident ones are not drawn (scene.py)
 SAVE_DELAY_S = 0.05   # strokes are saved this long after the last change (one save per stroke)
 
 
@@ -70,7 +71,7 @@ class WebApp:
         s.project_path = str(project_dir or "")
         s.new_image_path = ""
         s.new_classes = "foreground,background"
-        s.new_dims = 2
+        s.new_dims = "2"     # the page's radio values are strings
         s.images = []
         s.image_id = None
         s.classes = []
@@ -93,6 +94,8 @@ class WebApp:
         s.prediction_shown = ""
         s.prediction_edits = 0
         s.labels_saved = 0
+        s.labels_changed = 0
+        s.uncertainty_shown = False
         s.has_refine = False
         s.has_suggest = False
         s.update(self.model.view())
@@ -122,22 +125,24 @@ class WebApp:
         self._push()
 
     def create_project(self) -> None:
-        """Make a project from an image file/folder typed on the page (no project given)."""
+        """Open the project folder typed on the page, or make it from the image file/folder
+        typed below it (the page offers this when no project was given)."""
         from semsegloop.project import Project
 
-        target = Path(self.state.project_path or "").expanduser()
-        source = Path(self.state.new_image_path or "").expanduser()
-        names = [n.strip() for n in str(self.state.new_classes).split(",") if n.strip()]
-        if not str(self.state.project_path).strip():
-            raise panel.WebInputError("type a project folder first")
-        if not source.exists():
-            raise panel.WebInputError(f"image or folder '{source}' does not exist")
-        with Project.create(target, names, dims=int(self.state.new_dims)) as project:
-            project.add_image(source)
+        if self.model.busy:
+            raise panel.WebInputError("wait for the running work to end before opening a project")
+        target, source, names, dims = panel.new_project_request(
+            self.state.project_path, self.state.new_image_path, self.state.new_classes,
+            self.state.new_dims)
+        if source is not None:
+            with Project.create(target, names, dims=dims) as project:
+                project.add_image(source)
         self.open_project(target)
 
     def _refresh_classes(self):
-        self.state.classes = panel.classes_for_page(self.project.classes)
+        # The page's copy: class edits apply to it at once, before the service has stored them.
+        self.classes = [dict(c) for c in self.project.classes]
+        self.state.classes = panel.classes_for_page(self.classes)
 
     def _refresh_images(self):
         # The Suggest ranking comes from the service's "suggest" op (it may predict images).
@@ -149,7 +154,7 @@ class WebApp:
             self.editor.deactivate_effect()
             self.image_scene.remove()
         image = self.project.image(image_id)
-        self.image_scene = ImageScene(self.slicer.scene, image, self.project.classes,
+        self.image_scene = ImageScene(self.slicer.scene, image, self.classes,
                                       self.project.labels(image_id))
         self.state.image_id = image_id
         self.slicer.display_manager.show_volume_in_slice_background(self.image_scene.volume)
@@ -237,6 +242,8 @@ class WebApp:
             return
         if self.editor.active_segmentation_node is not self.image_scene.labels_node:
             return
+        with self.state:   # the page counts edits (the browser test times strokes by it)
+            self.state.labels_changed += 1
         self._last_change = time.perf_counter()
         loop = asyncio.get_event_loop_policy().get_event_loop()
         if self._save_handle is None:
@@ -328,12 +335,16 @@ class WebApp:
         if ev.get("job") == "edit":
             if ev.get("event") == "error":
                 self.model.fail(f"saving {ev.get('op', 'an edit')} failed: {ev.get('message')}")
+                if ev.get("op") == "set_classes":   # show the classes as they are stored
+                    self._reopen()
+                    self._refresh_classes()
+                    if self.image_scene is not None:
+                        self.image_scene.set_classes(self.classes)
             elif ev.get("event") == "done":
+                # Classes on the page are already the edited ones (a later edit may be queued).
                 self._reopen()
                 if ev.get("op") == "set_labels":
                     self._refresh_images()
-                elif ev.get("op") == "set_classes":
-                    self._refresh_classes()
             return
         if ev.get("job") == "service" and ev.get("event") == "ready":
             ops = set(ev.get("ops") or ())
@@ -371,7 +382,9 @@ class WebApp:
 
             if ev.get("image_id") == self.state.image_id and ev.get("output"):
                 labels, _ = imageio.read_labels(self.project.path / ev["output"])
-                self.image_scene.show_prediction(labels, int(ev.get("round") or self.project.round))
+                self.image_scene.show_prediction(labels, int(ev.get("round") or self.project.round),
+                                                 refined=True)
+                self._show_uncertainty_layer()
                 self.state.prediction_shown = f"SemSegLoop round {self.image_scene.prediction_round} refined"
                 self.state.prediction_edits = 0
                 if self.state.edit_target == "prediction":
@@ -393,15 +406,21 @@ class WebApp:
         unc = (panel.read_uncertainty(uncertainty_path)
                if self.state.show_uncertainty and uncertainty_path is not None else None)
         self.image_scene.show_prediction(labels, round_index, unc)
-        fg = self.image_scene.uncertainty_node
-        for view in self.slicer.view_manager.get_slice_views():
-            view.set_foreground_volume_id(fg.GetID() if fg is not None else None)
-            if fg is not None:
-                view.set_foreground_opacity(0.35)
+        self._show_uncertainty_layer()
         self.state.prediction_shown = f"SemSegLoop round {round_index}"
         self.state.prediction_edits = 0
         if self.state.edit_target == "prediction":
             self._bind_editor()
+
+    def _show_uncertainty_layer(self):
+        """The uncertainty map as the slice views' foreground while "Show uncertainty" is on."""
+        fg = self.image_scene.uncertainty_node if self.image_scene is not None else None
+        on = fg is not None and bool(self.state.show_uncertainty)
+        for view in self.slicer.view_manager.get_slice_views():
+            view.set_foreground_volume_id(fg.GetID() if on else None)
+            if on:
+                view.set_foreground_opacity(UNCERTAINTY_OPACITY)
+        self.state.uncertainty_shown = on
 
     async def _poll(self):
         while True:
@@ -445,25 +464,40 @@ class WebApp:
     def on_active_class(self, **_):
         self._select_class_segment()
 
+    def on_show_uncertainty(self, **_):
+        """Toggle the overlay; a prediction shown without its map reads it from disk now."""
+        if self.image_scene is None or self.image_scene.prediction_node is None:
+            return
+        if self.state.show_uncertainty and self.image_scene.uncertainty_node is None \
+                and not self.image_scene.prediction_refined:
+            self._show_prediction_file(self.state.image_id, self.image_scene.prediction_round)
+        else:
+            self._show_uncertainty_layer()
+
     def on_edit_target(self, **_):
         if self.image_scene is not None:
             self._bind_editor()
 
+    def _need_project(self):
+        if self.project is None:
+            raise panel.WebInputError("open or create a project first")
+
     def on_rename(self, value, name):
-        classes = panel.rename_class(self.project.classes, int(value), name)
-        self._set_classes(classes)
+        self._need_project()
+        self._set_classes(panel.rename_class(self.classes, int(value), name))
 
     def on_color(self, value, color):
-        classes = panel.recolor_class(self.project.classes, int(value), color)
-        self._set_classes(classes)
+        self._need_project()
+        self._set_classes(panel.recolor_class(self.classes, int(value), color))
 
     def add_class(self):
-        classes = panel.add_class(self.project.classes, self.state.new_class_name)
-        self._set_classes(classes)
+        self._need_project()
+        self._set_classes(panel.add_class(self.classes, self.state.new_class_name))
         self.state.new_class_name = ""
 
     def _set_classes(self, classes):
         self.engine.set_classes(classes)
+        self.classes = [dict(c) for c in classes]
         if self.image_scene is not None:
             self.image_scene.set_classes(classes)
         self.state.classes = panel.classes_for_page(classes)

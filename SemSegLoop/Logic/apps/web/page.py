@@ -19,6 +19,7 @@ def build_page(app) -> None:
                  "smoothing_kernel_mm")(g(app.on_effect))
     state.change("active_class")(g(app.on_active_class))
     state.change("edit_target")(g(app.on_edit_target))
+    state.change("show_uncertainty")(g(app.on_show_uncertainty))
 
     with SinglePageWithDrawerLayout(server, full_height=True) as layout:
         layout.title.set_text("SemSegLoop")
@@ -65,8 +66,9 @@ def build_page(app) -> None:
                                  density="compact", hide_details=True, id="new-image")
                     v.VTextField(v_model=("new_classes",), label="Classes (comma-separated)",
                                  density="compact", hide_details=True, id="new-classes")
-                    v.VRadioGroup(v_model=("new_dims",), inline=True, hide_details=True,
-                                  children=[v.VRadio(label="2D", value=2), v.VRadio(label="3D", value=3)])
+                    with v.VRadioGroup(v_model=("new_dims",), inline=True, hide_details=True):
+                        v.VRadio(label="2D", value="2", id="new-dims-2")   # values are strings
+                        v.VRadio(label="3D", value="3", id="new-dims-3")
                     v.VBtn("Open / create", click=g(app.create_project), block=True, id="create")
 
                 _section(html, "Images")
@@ -74,7 +76,7 @@ def build_page(app) -> None:
                        disabled=("!!engine_job || !round",), density="compact", block=True,
                        id="suggest")
                 with v.VList(density="compact", max_height=160, id="images"):
-                    with v.VListItem(v_for="im in images", key="im.id",
+                    with v.VListItem(v_for="im in images", key="im.id", id=("'image-' + im.id",),
                                      active=("im.id === image_id",),
                                      click=(g(app.select_image), "[im.id]")):
                         v.VListItemTitle("{{ im.rank ? '#' + im.rank + ' ' : '' }}{{ im.name }}")
@@ -85,11 +87,11 @@ def build_page(app) -> None:
                     with html.Div(v_for="c in classes", key="c.value", classes="d-flex align-center"):
                         v.VRadio(value=("c.value",), id=("'class-' + c.value",), density="compact",
                                  style="flex: 0 0 auto")
-                        html.Input(type="color", value=("c.color",),
+                        html.Input(type="color", value=("c.color",), id=("'class-color-' + c.value",),
                                    change=(g(app.on_color), "[c.value, $event.target.value]"),
                                    style="width: 28px; height: 24px; border: none;")
                         v.VTextField(model_value=("c.name",), density="compact", hide_details=True,
-                                     variant="plain", classes="ml-2",
+                                     variant="plain", classes="ml-2", id=("'class-name-' + c.value",),
                                      change=(g(app.on_rename), "[c.value, $event.target.value]"))
                 with html.Div(classes="d-flex"):
                     v.VTextField(v_model=("new_class_name",), label="New class", density="compact",
@@ -100,11 +102,17 @@ def build_page(app) -> None:
                 _section(html, "Paint")
                 v.VCheckbox(v_model=("mask_on",), label="Threshold (masked painting)", density="compact",
                             hide_details=True, id="mask-on")
-                with html.Div(classes="d-flex", v_show="mask_on"):
+                # v_if, not v_show: Vuetify's d-flex is display:flex !important.
+                with html.Div(classes="d-flex", v_if="mask_on"):
                     v.VTextField(v_model_number=("mask_min",), label="min", type="number",
-                                 density="compact", hide_details=True)
+                                 density="compact", hide_details=True, id="mask-min")
                     v.VTextField(v_model_number=("mask_max",), label="max", type="number",
-                                 density="compact", hide_details=True, classes="ml-2")
+                                 density="compact", hide_details=True, classes="ml-2", id="mask-max")
+                v.VTextField(v_model_number=("smoothing_kernel_mm",), label="Smoothing kernel (mm)",
+                             type="number", density="compact", hide_details=True,
+                             v_show="effect === 'smoothing'", id="smoothing-kernel")
+                html.Div("{{ labels_changed }} label edits, {{ labels_saved }} saved to the project",
+                         id="labels-edits", classes="text-caption")
 
                 _section(html, "Train")
                 with html.Div(classes="d-flex"):
@@ -124,14 +132,15 @@ def build_page(app) -> None:
                              auto_draw=False, id="loss-chart")
 
                 _section(html, "Predict")
-                with html.Div(classes="d-flex"):
+                with html.Div(classes="d-flex flex-wrap ga-2"):   # wraps in a narrow drawer
                     v.VBtn("Predict current image", click=(g(app.predict), "['current']"),
                            disabled=("!!engine_job",), density="compact", id="predict-current")
                     v.VBtn("Predict all images", click=(g(app.predict), "['all']"),
-                           disabled=("!!engine_job",), density="compact", classes="ml-2", id="predict-all")
+                           disabled=("!!engine_job",), density="compact", id="predict-all")
                 v.VCheckbox(v_model=("show_uncertainty",), label="Show uncertainty map",
-                            density="compact", hide_details=True)
+                            density="compact", hide_details=True, id="show-uncertainty")
                 html.Div("{{ prediction_shown ? prediction_shown + ' shown' + "
+                         "(uncertainty_shown ? ' with its uncertainty' : '') + "
                          "(prediction_edits ? ', edited ' + prediction_edits : '') : 'No prediction shown' }}",
                          id="prediction-shown")
 
@@ -143,13 +152,13 @@ def build_page(app) -> None:
 
                 _section(html, "Finish")
                 v.VTextField(v_model=("export_dir",), label="Export folder", density="compact",
-                             hide_details=True)
-                with html.Div(classes="d-flex mt-1"):
+                             hide_details=True, id="export-dir")
+                with html.Div(classes="d-flex flex-wrap ga-2 mt-1"):
                     v.VBtn("Export label maps", click=g(app.export), disabled=("!!engine_job",),
                            density="compact", id="export")
                     v.VBtn("Class fractions", click=g(app.fractions), disabled=("!!engine_job",),
-                           density="compact", classes="ml-2", id="fractions")
-                    v.VBtn("CSV", density="compact", classes="ml-2", v_if="fractions_csv",
+                           density="compact", id="fractions")
+                    v.VBtn("CSV", density="compact", v_if="fractions_csv", prepend_icon="mdi-download",
                            click="utils.download('class_fractions.csv', fractions_csv, 'text/csv')",
                            id="fractions-csv")
                 with v.VTable(density="compact", v_if="fractions_rows.length", id="fractions-table"):

@@ -245,6 +245,44 @@ def copied_message(added: dict[int, int], names: list[str]) -> str:
     return f"Copied {total} predicted pixels into the labels ({', '.join(parts)})."
 
 
+# ---------------------------------------------------------------------- opening a project
+def new_project_request(project_path, image_path, class_text, dims):
+    """What "Open / create" does with the fields typed on the page.
+
+    Returns (project folder, image source or None to open an existing project, class names,
+    dims). A folder holding project.json is opened; otherwise the image file or folder of 2D
+    images is needed, with at least two class names.
+    """
+    text = str(project_path or "").strip()
+    if not text:
+        raise WebInputError("type a project folder first")
+    target = Path(text).expanduser()
+    if (target / "project.json").is_file():
+        return target, None, [], 0
+    if target.exists() and not target.is_dir():
+        raise WebInputError(f"project folder '{target}' is a file")
+    if target.is_dir() and any(target.iterdir()):
+        raise WebInputError(f"'{target}' is not a SemSegLoop project (no project.json) and is "
+                            "not empty; give a new or empty folder")
+    source_text = str(image_path or "").strip()
+    if not source_text:
+        raise WebInputError(f"no project in '{target}' yet: type the image file or folder of 2D "
+                            "images to make it from")
+    source = Path(source_text).expanduser()
+    if not source.exists():
+        raise WebInputError(f"image or folder '{source}' does not exist")
+    names = [n.strip() for n in str(class_text or "").split(",") if n.strip()]
+    if len(names) < 2:
+        raise WebInputError(f"give at least two classes, comma-separated (got '{class_text}')")
+    try:
+        d = int(dims)
+    except (TypeError, ValueError):
+        d = 0
+    if d not in (2, 3):
+        raise WebInputError(f"choose 2D or 3D (got {dims!r})")
+    return target, source, names, d
+
+
 # ---------------------------------------------------------------------- images / tables
 def images_for_page(project, ranking=None) -> list[dict]:
     """One row per image: id, name, painted pixels and, with a Suggest ranking, its rank."""

@@ -11,9 +11,11 @@ import numpy as np
 
 from semsegloop.errors import LabelError
 from semsegloop.slicer import mrml_bridge as bridge
+from semsegloop.slicer.predictions import UNCERTAINTY_COLORS
 
 PREDICTION_PREFIX = "SemSegLoop round"
 UNCERTAINTY_SUFFIX = "uncertainty"
+UNCERTAINTY_SHOWN_FROM = 0.2   # normalised entropy below this is not drawn
 
 
 class ImageScene:
@@ -34,6 +36,7 @@ class ImageScene:
         self.prediction_node = None
         self.prediction_ids: list[str] = []
         self.prediction_round = 0
+        self.prediction_refined = False
         self.uncertainty_node = None
 
     # ------------------------------------------------------------------ labels
@@ -53,9 +56,11 @@ class ImageScene:
 
     # ------------------------------------------------------------------ prediction
     def show_prediction(self, labels: np.ndarray, round_index: int,
-                        uncertainty: np.ndarray | None = None) -> None:
-        """Replace the shown prediction by ``labels`` (S, Y, X) 1..K as "SemSegLoop round N"."""
+                        uncertainty: np.ndarray | None = None, refined: bool = False) -> None:
+        """Replace the shown prediction by ``labels`` (S, Y, X) 1..K as "SemSegLoop round N"
+        (``refined``: Refine's output, which has no uncertainty map)."""
         self.remove_prediction()
+        self.prediction_refined = refined
         node = bridge.create_prediction_segmentation(
             self.scene, labels, self.classes, self.volume, name=f"{PREDICTION_PREFIX} {round_index}")
         display = node.GetDisplayNode()
@@ -69,15 +74,20 @@ class ImageScene:
             self.uncertainty_node = bridge.array_to_volume(
                 self.scene, np.asarray(uncertainty, np.float32), self.volume,
                 f"{self.name} {UNCERTAINTY_SUFFIX} round {round_index}")
-            color = self.scene.GetFirstNodeByName("Inferno") or self.scene.GetFirstNodeByName("Hot")
             unc_display = self.uncertainty_node.GetDisplayNode()
             if unc_display is None:
                 self.uncertainty_node.CreateDefaultDisplayNodes()
                 unc_display = self.uncertainty_node.GetDisplayNode()
-            if color is not None:
-                unc_display.SetAndObserveColorNodeID(color.GetID())
+            if self.scene.GetNodeByID(UNCERTAINTY_COLORS) is not None:   # as in the Slicer module
+                unc_display.SetAndObserveColorNodeID(UNCERTAINTY_COLORS)
             unc_display.AutoWindowLevelOff()
             unc_display.SetWindowLevelMinMax(0.0, 1.0)
+            # Confident pixels are left out of the overlay (transparent in the slice views, as
+            # Slicer's volume threshold does), so the image stays readable under it.
+            unc_display.AutoThresholdOff()
+            unc_display.SetApplyThreshold(True)
+            unc_display.SetLowerThreshold(UNCERTAINTY_SHOWN_FROM)
+            unc_display.SetUpperThreshold(1.0)
 
     def prediction_labels(self) -> np.ndarray | None:
         """The prediction as it is now on screen (the person may have erased parts of it)."""
