@@ -137,6 +137,16 @@ class Page:
         field.send_keys(Keys.TAB)
         time.sleep(settle)
 
+    def brush(self, value: float) -> None:
+        """Set the brush size with the keyboard on the slider's thumb (steps of 0.5 %)."""
+        thumb = self.d.find_element(By.CSS_SELECTOR, "#brush-size .v-slider-thumb, .v-slider-thumb")
+        now = float(thumb.get_attribute("aria-valuenow"))
+        steps = int(round((value - now) / 0.5))
+        thumb.click()
+        thumb.send_keys(*([Keys.ARROW_RIGHT if steps > 0 else Keys.ARROW_LEFT] * abs(steps)))
+        _wait(f"brush {value}", lambda: float(thumb.get_attribute("aria-valuenow")) == value, 5)
+        time.sleep(0.6)   # the value reaches the server
+
     def active(self, element_id: str) -> bool:
         return bool(self.d.execute_script(
             "const e = document.getElementById(arguments[0]);"
@@ -360,21 +370,24 @@ def test_draw_threshold_and_smoothing_land_in_the_labels(app2d, page):
     # queue), and Draw makes a vertex of each move that arrives.
     (cy, cx, r) = DISKS2[0]
     _use(page, "draw", 1)
-    _, lab = edit(_ring(cy, cx, r - 8, n=24), "the drawn outline", pause=0.1)
+    _, lab = edit(_ring(cy, cx, r - 8, n=24), "the drawn outline", pause=0.15)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     inside = (yy - cy) ** 2 + (xx - cx) ** 2 < (r - 11) ** 2
     assert (lab[inside] == 1).mean() > 0.9, "Draw did not fill its outline"
     assert (lab == 1).sum() < 1.3 * np.pi * (r - 8) ** 2 and (ref2[lab == 1] == 1).all()
-    # A speck for the smoothing brush, and one for "Smooth segment" (a 9 mm median removes both
-    # 4x4 specks).
+    page.shot("drawn")
+    # A speck (one click of a small brush) for the smoothing brush, and one for "Smooth
+    # segment": a 9 mm median removes both.
+    _use(page, "paint", 1)
+    page.brush(2.0)
     specks = [(cy + 2, cx + r + 12), (cy + r + 12, cx + 2)]
     for sy, sx in specks:
-        edit([(sy - 2, sx - 2), (sy - 2, sx + 2), (sy + 2, sx + 2), (sy + 2, sx - 2), (sy - 2, sx - 2)],
-             "a drawn speck", pause=0.15)
+        edit([(sy, sx)], "a speck")
     lab = _labels(proj, "tile2")
     for sy, sx in specks:
-        assert lab[sy - 4:sy + 5, sx - 4:sx + 5].any(), "the speck was not drawn"
-    page.shot("drawn")
+        assert 3 <= lab[sy - 4:sy + 5, sx - 4:sx + 5].sum() == (lab[sy - 6:sy + 7, sx - 6:sx + 7] == 1).sum() < 30, \
+            "the speck is not a small dot"
+    page.brush(5.0)
 
     # Threshold-masked painting: a stroke from inside the second disk out into the background
     # paints only where the image is within [135, 255], i.e. inside the disk.
@@ -548,6 +561,16 @@ def test_predict_uncertainty_export_fractions_and_classes(app2d, page, browser):
     _wait("the overlay on", lambda: "with its uncertainty" in page.text("prediction-shown"), 10)
     time.sleep(0.8)
     assert _changed(with_unc, page.view().screenshot_as_png) < 0.2 * changed, "the overlay did not come back"
+    # An image opened while the overlay is off shows its map when it is switched on.
+    page.click("show-uncertainty")
+    _open_image(page, "tile")
+    _wait("tile's prediction without its map", lambda: page.text("prediction-shown") == "SemSegLoop round 2 shown", 10)
+    time.sleep(0.8)
+    without = page.view().screenshot_as_png
+    page.click("show-uncertainty")
+    _wait("tile's map read", lambda: "with its uncertainty" in page.text("prediction-shown"), 10, page=page)
+    time.sleep(0.8)
+    assert _changed(without, page.view().screenshot_as_png) > 0.002, "tile's map is not on the view"
 
     # Predict all images: both files are written again.
     before = {n: mtime(n) for n in ("tile.nrrd", "tile2.nrrd")}
@@ -582,6 +605,7 @@ def test_predict_uncertainty_export_fractions_and_classes(app2d, page, browser):
     assert abs(sum(float(f[3]) for f in fractions if f[0] == "tile") - 1.0) < 1e-3
 
     # Classes: rename, recolour, add one; the project stores them and strokes of the new class.
+    _open_image(page, "tile2")
     page.type("class-name-2", "stroma")
     browser.execute_script("const e = document.getElementById('class-color-1');"
                            "e.value = '#ff0080'; e.dispatchEvent(new Event('change'));")

@@ -51,6 +51,7 @@ class WebApp:
         self.engine = None
         self.project = None
         self.image_scene: ImageScene | None = None
+        self.classes: list[dict] = []     # the page's copy of the project's classes
         self.model = panel.PanelModel()
         self._save_handle = None
         self._last_change = 0.0
@@ -465,14 +466,17 @@ class WebApp:
         self._select_class_segment()
 
     def on_show_uncertainty(self, **_):
-        """Toggle the overlay; a prediction shown without its map reads it from disk now."""
-        if self.image_scene is None or self.image_scene.prediction_node is None:
+        """Toggle the overlay; a prediction shown without its map reads the map from disk now
+        (the prediction on screen, edits included, stays)."""
+        sc = self.image_scene
+        if sc is None or sc.prediction_node is None:
             return
-        if self.state.show_uncertainty and self.image_scene.uncertainty_node is None \
-                and not self.image_scene.prediction_refined:
-            self._show_prediction_file(self.state.image_id, self.image_scene.prediction_round)
-        else:
-            self._show_uncertainty_layer()
+        if self.state.show_uncertainty and sc.uncertainty_node is None and not sc.prediction_refined:
+            p = self.project.prediction_path(self.state.image_id, sc.prediction_round)
+            candidate = p.with_name(f"{self.state.image_id}_uncertainty.nrrd") if p is not None else None
+            if candidate is not None and candidate.exists():
+                sc.set_uncertainty(panel.read_uncertainty(candidate))
+        self._show_uncertainty_layer()
 
     def on_edit_target(self, **_):
         if self.image_scene is not None:
@@ -484,7 +488,12 @@ class WebApp:
 
     def on_rename(self, value, name):
         self._need_project()
-        self._set_classes(panel.rename_class(self.classes, int(value), name))
+        try:
+            classes = panel.rename_class(self.classes, int(value), name)
+        except panel.WebInputError:
+            self.state.dirty("classes")   # the field shows the stored name again
+            raise
+        self._set_classes(classes)
 
     def on_color(self, value, color):
         self._need_project()

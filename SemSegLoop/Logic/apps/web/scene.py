@@ -71,23 +71,30 @@ class ImageScene:
         self.prediction_ids = bridge.ensure_class_segments(node, self.classes)
         self.prediction_round = round_index
         if uncertainty is not None:
-            self.uncertainty_node = bridge.array_to_volume(
-                self.scene, np.asarray(uncertainty, np.float32), self.volume,
-                f"{self.name} {UNCERTAINTY_SUFFIX} round {round_index}")
+            self.set_uncertainty(uncertainty)
+
+    def set_uncertainty(self, uncertainty: np.ndarray) -> None:
+        """Show ``uncertainty`` (S, Y, X) in [0, 1] beside the prediction (which is kept as it
+        is on screen, edits included)."""
+        if self.uncertainty_node is not None and self.uncertainty_node.GetScene() is self.scene:
+            self.scene.RemoveNode(self.uncertainty_node)
+        self.uncertainty_node = bridge.array_to_volume(
+            self.scene, np.asarray(uncertainty, np.float32), self.volume,
+            f"{self.name} {UNCERTAINTY_SUFFIX} round {self.prediction_round}")
+        unc_display = self.uncertainty_node.GetDisplayNode()
+        if unc_display is None:
+            self.uncertainty_node.CreateDefaultDisplayNodes()
             unc_display = self.uncertainty_node.GetDisplayNode()
-            if unc_display is None:
-                self.uncertainty_node.CreateDefaultDisplayNodes()
-                unc_display = self.uncertainty_node.GetDisplayNode()
-            if self.scene.GetNodeByID(UNCERTAINTY_COLORS) is not None:   # as in the Slicer module
-                unc_display.SetAndObserveColorNodeID(UNCERTAINTY_COLORS)
-            unc_display.AutoWindowLevelOff()
-            unc_display.SetWindowLevelMinMax(0.0, 1.0)
-            # Confident pixels are left out of the overlay (transparent in the slice views, as
-            # Slicer's volume threshold does), so the image stays readable under it.
-            unc_display.AutoThresholdOff()
-            unc_display.SetApplyThreshold(True)
-            unc_display.SetLowerThreshold(UNCERTAINTY_SHOWN_FROM)
-            unc_display.SetUpperThreshold(1.0)
+        if self.scene.GetNodeByID(UNCERTAINTY_COLORS) is not None:   # as in the Slicer module
+            unc_display.SetAndObserveColorNodeID(UNCERTAINTY_COLORS)
+        unc_display.AutoWindowLevelOff()
+        unc_display.SetWindowLevelMinMax(0.0, 1.0)
+        # Confident pixels are left out of the overlay (transparent in the slice views, as
+        # Slicer's volume threshold does), so the image stays readable under it.
+        unc_display.AutoThresholdOff()
+        unc_display.SetApplyThreshold(True)
+        unc_display.SetLowerThreshold(UNCERTAINTY_SHOWN_FROM)
+        unc_display.SetUpperThreshold(1.0)
 
     def prediction_labels(self) -> np.ndarray | None:
         """The prediction as it is now on screen (the person may have erased parts of it)."""
