@@ -83,3 +83,57 @@ def test_a_class_with_a_single_stroke_is_cut_into_cells_for_holding_out():
     held = fusion.holdout_masks([lab], 2, dims=2, seed=0)[0]
     for k in (1, 2):
         assert 0 < (held & (lab == k)).sum() < (lab == k).sum()
+
+
+def _volume_strokes(planes=(4, 10, 16, 22, 28)):
+    """A (32, 40, 40) volume painted on a few axial planes, a brush blob of two classes on
+    each (blobs span more rows and columns than there are painted planes)."""
+    lab = np.zeros((32, 40, 40), np.uint8)
+    for z in planes:
+        lab[z, 3:11, 3:30] = 1
+        lab[z, 26:34, 3:30] = 2
+    return lab
+
+
+def test_a_painted_volume_holds_out_whole_planes_and_keeps_every_class_in_training():
+    lab = _volume_strokes()
+    held = fusion.holdout_masks([lab], 2, dims=3, seed=0)[0]
+    planes = np.flatnonzero(held.any(axis=(1, 2)))
+    assert 0 < len(planes) < 5
+    for z in planes:  # every stroke of a held-out plane, of every class
+        assert held[z][lab[z] > 0].all()
+    rest = (lab > 0) & ~held
+    assert {1, 2} <= set(np.unique(lab[rest]).tolist())
+    assert not held[lab == 0].any()
+
+
+def test_planes_are_found_along_the_axis_the_person_painted_on():
+    lab = np.moveaxis(_volume_strokes(), 0, 2)  # painted on sagittal planes instead
+    units = fusion.painting_units([lab], dims=3)
+    assert len(units) == 5
+    for _, idx in units:
+        assert idx[0] == slice(None) and idx[1] == slice(None) and idx[2].stop - idx[2].start == 1
+
+
+def test_a_collection_holds_out_whole_images_and_new_ones_first():
+    labs = []
+    for n in range(4):
+        lab = np.zeros((1, 32, 32), np.uint8)
+        lab[0, 4, 2:30] = 1
+        lab[0, 20, 2:30] = 2
+        labs.append(lab)
+    new = [None, None, labs[2] > 0, None]  # image 2 was painted this round
+    held = fusion.holdout_masks(labs, 2, dims=2, seed=3, prefer=new)
+    assert held[2][labs[2] > 0].all()
+    for h, lab in zip(held, labs):
+        assert not h.any() or h[lab > 0].all()  # whole images
+    assert sum(h.any() for h in held) < 4
+
+
+def test_a_unit_that_holds_the_only_strokes_of_a_class_stays_in_training():
+    lab = _volume_strokes()
+    lab[4][lab[4] == 2] = 0
+    lab[4, 14:22, 3:30] = 3  # class 3 only on plane 4
+    for seed in range(8):
+        held = fusion.holdout_masks([lab], 3, dims=3, seed=seed)[0]
+        assert not held[4].any()

@@ -97,3 +97,31 @@ def test_pseudo_labels_keep_strokes_and_leave_unsure_pixels_out():
     lab = np.array([[[0, 0], [0, 1]]], np.uint8)
     got = T.pseudo_from_proba(p, lab, confidence=0.75)
     np.testing.assert_array_equal(got, [[[1, 0], [2, 1]]])
+
+
+def test_fixed_scale_images_are_rescaled_per_image_for_the_teacher():
+    # Two RGB tiles of one scene, the second with a weaker stain: the project's scale 1/255
+    # keeps them apart, the teacher's input puts them on one scale.
+    rng = np.random.default_rng(0)
+    tile = rng.integers(40, 220, size=(1, 32, 32, 3)).astype(np.uint8)
+    faint = (tile.astype(np.float32) * 0.6 + 60).astype(np.uint8)
+    spec = {"method": "scale", "factor": 1 / 255}
+    a, b = T.teacher_input(tile, spec), T.teacher_input(faint, spec)
+    assert np.abs(a - b).max() < 0.02
+    # CT keeps its absolute window (HU mean the same in every image).
+    ct = np.array([[[[-1000], [0]], [[40], [1000]]]], np.int16)
+    assert np.allclose(T.teacher_input(ct, {"method": "ct", "window": [-1000, 1000]}).ravel(),
+                       [-1, 0, 0.04, 1])
+
+
+def test_a_teacher_stored_with_other_features_asks_for_a_new_round():
+    from semsegloop.errors import CheckpointError
+
+    rng = np.random.default_rng(1)
+    X = rng.random((40, 5)).astype(np.float32)
+    y = (X[:, 0] > 0.5).astype(np.uint8) + 1
+    arrays, meta = T.Teacher(2, 2, None).fit(X, y).state()
+    T.Teacher.from_state(arrays, meta)
+    meta.pop("feature_version")
+    with pytest.raises(CheckpointError, match="other features"):
+        T.Teacher.from_state(arrays, meta)

@@ -302,3 +302,31 @@ def test_teacher_labels_confident_pixels_and_stops_when_cancelled():
     assert (out[1][sure] == ref[None][sure]).mean() > 0.9      # and they are mostly right
     assert teacher_pseudo_labels([x, x], [strokes, unpainted], 2, dims=2,
                                  cancel=lambda: True) == [None, None]
+
+
+@pytest.mark.parametrize("flag", ["1", "0"])
+def test_a_3d_round_on_cpu_runs_in_bfloat16_only_when_enabled(tmp_path, tiny_models, monkeypatch, flag):
+    import torch
+
+    from semsegloop.learn import training as tr
+
+    monkeypatch.setenv("SEMSEGLOOP_CPU_BF16", flag)
+    cpu = torch.device("cpu")
+    assert tr.cpu_bf16(cpu, 3) is (flag == "1")
+    assert tr.cpu_bf16(cpu, 2) is False  # 2D nets were slower in bf16 on CPU
+    plan = plan_network(load_preset("unet3d"), 1, 2, spacing=(1.0, 1.0, 1.0), image_shape=(16, 32, 32))
+    from semsegloop.learn.networks import build_network
+
+    net = build_network(plan).eval()
+    with torch.inference_mode(), tr.autocast(cpu, 3):
+        out = net(torch.zeros(1, 1, 16, 32, 32))
+    assert out.dtype == (torch.bfloat16 if flag == "1" else torch.float32)
+    # A whole round trains with finite losses and predicts on the grid either way.
+    proj = semsegloop.Project.create(tmp_path / "p", ["ball", "background"], dims=3, preset="tiny3d")
+    img, ref = blob_volume((12, 32, 32))
+    iid = proj.add_image(img)
+    proj.set_labels(iid, volume_strokes(ref))
+    proj.train(steps=3, pseudo_labels=False)
+    losses = _step_losses(proj, 1)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert proj.predict(iid).shape == ref.shape

@@ -201,7 +201,7 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
         model, sampler, loss_fn, device=device_t, round_index=s.round_index,
         batch_size=int(s.preset["batch_size"]), learning_rate=lr,
         steps=s.steps, time_budget_s=budget, progress=progress, cancel=cancel,
-        validate=validate, log=logf, seed=s.seed)
+        validate=validate, log=logf, seed=s.seed, dims=s.dims)
     if refit is not None:
         try:
             teacher_full = refit.join()

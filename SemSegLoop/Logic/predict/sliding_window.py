@@ -133,13 +133,12 @@ def _sliding_window(model, vol: np.ndarray, roi, plan, device, overlap,
     import torch
     from monai.inferers import sliding_window_inference
 
-    from semsegloop.learn.training import cancel_inside
+    from semsegloop.learn.training import autocast, cancel_inside
 
     x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol, -1, 0)))[None].to(device)
-    amp = device.type == "cuda"
     # The cancel is checked before every layer of every window, not only between slabs: one
     # slab of a large volume is many windows.
-    with torch.inference_mode(), torch.autocast(device_type=device.type, enabled=amp), \
+    with torch.inference_mode(), autocast(device, plan.dims), \
             cancel_inside(model, cancel, backward=False):
         logits = sliding_window_inference(x, roi_size=roi, sw_batch_size=2, predictor=model,
                                           overlap=overlap, mode="gaussian")
