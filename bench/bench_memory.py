@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     device = torch.device("cpu")
     spec = {"method": "ct", "window": [-1000.0, 1000.0]}
     print(f"volume {shape} int16 ({vol.nbytes / 2**20:.0f} MiB), K={a.classes}, "
-          f"roi {inference_roi(plan, shape)}, torch threads {torch.get_num_threads()}")
+          f"roi {inference_roi(plan, shape, a.classes)}, torch threads {torch.get_num_threads()}")
     rows = []
     with PeakRSS() as m:
         t0 = time.perf_counter()
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         with PeakRSS() as m:
             t0 = time.perf_counter()
             x = torch.from_numpy(normalize(vol[..., None], spec)[..., 0])[None, None]
-            inferer = SlidingWindowInferer(inference_roi(plan, shape), sw_batch_size=2,
+            inferer = SlidingWindowInferer(inference_roi(plan, shape, a.classes), sw_batch_size=2,
                                            overlap=0.25, mode="gaussian")
             with torch.inference_mode():
                 out = inferer(x, model)

@@ -53,6 +53,8 @@ def test_tall_2d_image_is_predicted_in_slabs_with_the_same_labels(trained_2d, tm
     tile, _ = square_image(64, seed=5)
     tall = np.concatenate([tile] * 17, axis=0)          # 1088 x 64: more rows than one window
     tall_id = proj.add_image(tall, name="tall")
+    # Windows of 512 rows (a real image is many windows tall); slabs of 4096 voxels below.
+    monkeypatch.setattr(inference, "MAX_WINDOW_VOXELS", {2: 512 * 64, 3: 64 * 32 * 32})
 
     whole = proj.predict_full(tall_id, save=False, component="network")
     counter = _CountingSlidingWindow()
@@ -79,6 +81,7 @@ def test_long_3d_volume_is_predicted_in_slabs_with_the_same_labels(trained_3d, t
     img, _ = blob_volume((8, 32, 32), seed=3)
     long = np.concatenate([img] * 20, axis=0)           # 160 slices: beyond one 64-slice window
     long_id = proj.add_image(long, name="long")
+    monkeypatch.setattr(inference, "MAX_WINDOW_VOXELS", {2: 512 * 64, 3: 64 * 32 * 32})
 
     whole = proj.predict_full(long_id, save=False, component="network")
     counter = _CountingSlidingWindow()

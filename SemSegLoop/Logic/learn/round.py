@@ -111,12 +111,13 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
     from semsegloop.learn.sampling import PatchSampler, TrainingImage
     from semsegloop.learn.teacher import CancelledError, Teacher, pseudo_from_proba
 
+    from semsegloop.learn import seeded
+
     t_start = time.perf_counter() if started is None else started
     s = settings
     if s.use_teacher and (s.time_budget_s is None or s.time_budget_s >= WARM_UP_MIN_BUDGET_S):
         # Outside Slicer, importing its GrowCut takes seconds of CPU: only rounds long enough
         # to hide it start it (shorter ones use it when it is already loaded).
-        from semsegloop.learn import seeded
         seeded.warm_up()
     K = s.n_classes
     names = s.class_names or [str(k) for k in range(1, K + 1)]
@@ -127,7 +128,7 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
     logf = log or (lambda rec: None)
     pseudo: list = [None] * len(images)
     held = [np.zeros(im.labels.shape, bool) for im in images]
-    teacher_full = teacher_h = refit = None
+    teacher_full = teacher_h = refit = grown = None
     fusion: dict = {"weight": 1.0}
     p_teacher = y_h = None
     if s.use_teacher:
@@ -149,8 +150,9 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
             if h.any():
                 p_teacher, y_h = teacher_h.proba_samples(X[h]), y[h]
             for n, im in enumerate(images):
-                if limit is not None and time.perf_counter() - t_start > limit:
-                    break  # unpainted context images are optional
+                if (limit is not None and not im.labels.any()
+                        and time.perf_counter() - t_start > limit):
+                    continue  # unpainted context images are optional, painted ones are not
                 pseudo[n] = pseudo_from_proba(teacher_h.predict_proba(im.raw, stop),
                                               train_labels[n])
             if h.any():
@@ -160,6 +162,10 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
                                                     n_jobs=1).fit(X, y, stop))
             else:
                 teacher_full = teacher_h
+            if h.any() and seeded.ready():
+                # Grow from seeds does not depend on the network: grown here, its time is
+                # taken from the student's budget instead of running past the round's end.
+                grown = _grow_training_strokes(images, train_labels, held, s)
         except CancelledError:
             pseudo = [None] * len(images)
             teacher_full = teacher_h = None
@@ -214,7 +220,8 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
             deadline = max(time.perf_counter(), t_start + s.time_budget_s - s.reserve_s)
         try:
             fusion, kept_previous = _fuse(images, train_labels, held, model, previous, plan,
-                                          device_t, p_teacher, y_h, s, names, stop, deadline)
+                                          device_t, p_teacher, y_h, s, names, stop, deadline,
+                                          grown)
         except InterruptedError:
             cancelled = True
     model.eval()
@@ -252,8 +259,17 @@ class _Background:
         return self.out[0]
 
 
+def _grow_training_strokes(images, train_labels, held, s: RoundSettings) -> list:
+    """Per image, grow-from-seeds labels from the training strokes where strokes are held out
+    (None elsewhere): what _fuse scores grow from seeds with."""
+    from semsegloop.learn import seeded
+
+    return [seeded.grow_from_seeds(im.raw, lab, s.dims, s.spacing) if h.any() else None
+            for im, lab, h in zip(images, train_labels, held)]
+
+
 def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_all, y_all,
-          s: RoundSettings, names, stop, deadline):
+          s: RoundSettings, names, stop, deadline, grown=None):
     """Score the new (and the previous) network, the teacher and grow-from-seeds on held-out
     strokes; returns (fusion record, keep the previous network?).
 
@@ -272,19 +288,21 @@ def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_a
     p_net = probs[0]
     record: dict = {"held_out_pixels": int(len(y_all)), "scored_pixels": int(len(y_h))}
     comps = {"network": p_net, "teacher": p_teacher}
-    if seeded.ready():
+    if grown is not None or seeded.ready():
         # Grow from the training strokes only, then read the held-out pixels it reached.
         parts = []
-        for im, lab, sc in zip(images, train_labels, scored):
+        for n, (im, lab, sc) in enumerate(zip(images, train_labels, scored)):
             if sc.any():
-                parts.append(seeded.grow_from_seeds(im.raw, lab, s.dims, s.spacing)[sc])
+                g = grown[n] if grown is not None and grown[n] is not None else \
+                    seeded.grow_from_seeds(im.raw, lab, s.dims, s.spacing)
+                parts.append(g[sc])
         comps["seeded"] = seeded.as_probabilities(np.concatenate(parts), K)
 
     def decide(p_network):
-        w2, t2 = choose_weights([p_network, p_teacher], y_h, K)
+        w2, t2 = choose_weights([p_network, p_teacher], y_h, K, anchor=1)
         out = {"weight": float(w2[0]), "dice2": t2[w2][0], "alone": t2[(1.0, 0.0)]}
         if "seeded" in comps:
-            w3, t3 = choose_weights([p_network, p_teacher, comps["seeded"]], y_h, K)
+            w3, t3 = choose_weights([p_network, p_teacher, comps["seeded"]], y_h, K, anchor=1)
             out.update(seeded_weights=[float(v) for v in w3], dice3=t3[w3][0])
         return out
 

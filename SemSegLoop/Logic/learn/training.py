@@ -192,7 +192,7 @@ def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_siz
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     t0 = time.perf_counter()
     last_val_t = t0
-    step, last_loss, rate, val = 0, None, None, None
+    step, last_loss, rate, val, step_s = 0, None, None, None, None
     cancelled = False
     with cancel_inside(model, is_cancelled):
         try:
@@ -202,6 +202,8 @@ def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_siz
                            elapsed / time_budget_s if time_budget_s else 0.0)
                 if frac >= 1.0:
                     break
+                if time_budget_s and step_s is not None and elapsed + step_s > time_budget_s:
+                    break  # the next step would end past the budget (3D CPU steps take s)
                 if is_cancelled():
                     cancelled = True
                     break
@@ -231,6 +233,8 @@ def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_siz
                                         f"check the image normalisation or lower the learning "
                                         f"rate")
                 dt = time.perf_counter() - ts
+                # The first step includes one-off set-up: later ones are what a step costs.
+                step_s = dt if step_s is None or step <= 2 else 0.7 * step_s + 0.3 * dt
                 inst = batch_size / max(dt, 1e-6)
                 rate = inst if rate is None else 0.8 * rate + 0.2 * inst
                 now = time.perf_counter()

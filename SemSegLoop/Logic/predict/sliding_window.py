@@ -25,13 +25,41 @@ class Prediction:
     entropy: np.ndarray         # (S, Y, X) float16, 0 = certain, 1 = uniform over K classes
 
 
-def inference_roi(plan, spatial_shape) -> list[int]:
-    """Window size: large (fewer windows, less overlap work) but a multiple of the net's divisor."""
-    caps = [512, 512] if plan.dims == 2 else [max(plan.patch_size[0], 64), 160, 160]
-    roi = []
-    for n, d, cap, p in zip(spatial_shape, plan.divisor, caps, plan.patch_size):
-        want = min(_ceil_to(n, d), max(_ceil_to(cap, d), p))
-        roi.append(max(want, d))
+# Largest window: one window per image where it fits, so no voxel is computed twice (MONAI
+# blends overlapping windows; with 512^2 / 64x160x160 caps a 1024^2 image ran 2.25x and a
+# 96x192^2 volume 3.7x its voxels). Bounded by the windows' float32 logits, K per voxel.
+MAX_WINDOW_VOXELS = {2: 2_097_152, 3: 2_097_152}
+MAX_WINDOW_LOGIT_BYTES = 256 * 2**20
+SW_BATCH = 2
+OVERLAP = 0.25
+
+
+def inference_roi(plan, spatial_shape, n_classes: int | None = None,
+                  max_voxels: int | None = None) -> list[int]:
+    """Window size: the whole image where it fits MAX_WINDOW_VOXELS (and ``max_voxels``, and
+    the logits budget for ``n_classes``), else the fewest windows per axis that cover it with
+    MONAI's overlap, each a multiple of the net's divisor and at least its training patch."""
+    cap = MAX_WINDOW_VOXELS[plan.dims]
+    if n_classes:
+        cap = min(cap, MAX_WINDOW_LOGIT_BYTES // (4 * n_classes * SW_BATCH))
+    if max_voxels:
+        cap = min(cap, int(max_voxels))
+    floor = [max(_ceil_to(p, d), d) for p, d in zip(plan.patch_size, plan.divisor)]
+    counts = [1] * len(spatial_shape)
+
+    def size(ax):
+        n, d = spatial_shape[ax], plan.divisor[ax]
+        k = counts[ax]
+        return max(floor[ax] if k > 1 else d, _ceil_to(math.ceil(n / (k - (k - 1) * OVERLAP)), d))
+    roi = [size(ax) for ax in range(len(spatial_shape))]
+    while int(np.prod(roi)) > cap:
+        # One more window along the axis whose window is largest against its floor.
+        room = [r / f if r > f else 0.0 for r, f in zip(roi, floor)]
+        ax = int(np.argmax(room))
+        if room[ax] == 0.0:
+            break
+        counts[ax] += 1
+        roi[ax] = size(ax)
     if all(r <= d for r, d in zip(roi, plan.divisor)):
         # A window of one divisor would reach the deepest level as a single pixel, where
         # instance norm fails: pad the longest side to two (a tiny image in a big plan).
@@ -99,9 +127,9 @@ def _region_slabs(model, vol: np.ndarray, n_classes: int, plan, device, overlap,
     Each slab is widened to the whole windows that touch it, so its kept rows equal the
     unsliced prediction."""
     spatial = vol.shape[:-1]
-    roi = inference_roi(plan, spatial)
-    per_row = int(np.prod(spatial[1:]))
     region = min(MAX_REGION_VOXELS, MAX_REGION_BYTES // (4 * (n_classes + 2)))
+    roi = inference_roi(plan, spatial, n_classes)
+    per_row = int(np.prod(spatial[1:]))
     slab = max(roi[0], (region // max(per_row, 1)) // roi[0] * roi[0])
     n0 = spatial[0]
     starts = _window_starts(n0, roi[0], overlap)
@@ -140,7 +168,7 @@ def _sliding_window(model, vol: np.ndarray, roi, plan, device, overlap,
     # slab of a large volume is many windows.
     with torch.inference_mode(), autocast(device, plan.dims), \
             cancel_inside(model, cancel, backward=False):
-        logits = sliding_window_inference(x, roi_size=roi, sw_batch_size=2, predictor=model,
+        logits = sliding_window_inference(x, roi_size=roi, sw_batch_size=SW_BATCH, predictor=model,
                                           overlap=overlap, mode="gaussian")
         prob = torch.softmax(logits.float(), dim=1)[0]
     return prob.to(torch.float16).cpu().numpy()
