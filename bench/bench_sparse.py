@@ -206,7 +206,7 @@ def run_engine(case: datasets.Case, strokes, args, workdir: Path, method: str = 
         w = float(fusion.get("weight", 1.0))
         w3 = fusion.get("seeded_weights")
         has_teacher = bool(proj.rounds[-1].get("teacher"))
-        scores = {m: Score(K) for m in ("fused", "net", "teacher")}
+        scores = {m: Score(K) for m in ("fused", "net", "teacher", "painted")}
         log(f"{case.key}: {method} round {rnd} (w_net {w:.1f}), predicting {len(case.predict)} images")
         painted_s = 0.0
         with PeakRSS() as mem_pred:
@@ -232,6 +232,9 @@ def run_engine(case: datasets.Case, strokes, args, workdir: Path, method: str = 
                 if i in case.paint:
                     painted_pred[i] = fused
                     painted_s += time.perf_counter() - ti
+                    # What the person sees on the images they paint (unpainted pixels).
+                    scores["painted"].add(fused, np.where(labels[i] == 0,
+                                                          case.samples[i].reference, 0))
                 if i in case.predict:
                     add_score(scores["fused"], fused, case, i, labels)
                     add_score(scores["net"], np.argmax(pn, axis=0) + 1, case, i, labels)
@@ -243,6 +246,7 @@ def run_engine(case: datasets.Case, strokes, args, workdir: Path, method: str = 
                       peak_train_mb=mem_train.peak_mb, peak_predict_mb=mem_pred.peak_mb,
                       delta_train_mb=mem_train.delta_mb, delta_predict_mb=mem_pred.delta_mb,
                       weight=w, weights3=w3, estimate=result.estimate,
+                      painted_mean=mean_dice(scores["painted"].dice()),
                       kept_previous=bool((proj.rounds[-1].get("fusion") or {}).get("kept_previous")))
         name = "engine" if method == "engine" else method
         rows.append(_row(name, rnd, scores["fused"], labels, K, **common))
@@ -434,10 +438,15 @@ def verdicts(res: dict) -> list[dict]:
     target = e0["ratio"] <= TARGET_R0 and (e1 is None or e1["ratio"] <= TARGET_R1)
     over = [f"round {e['round']} {e['round_s']:.0f} s > {e['budget_s']:.0f} s"
             for e in (e0, e1) if e is not None and e["round_s"] > e["budget_s"]]
+    painted = ""
+    if e1 is not None and e0.get("painted_mean") is not None and e1.get("painted_mean") is not None:
+        ok = e1["painted_mean"] >= e0["painted_mean"]
+        painted = (f"  painted images {e0['painted_mean']:.3f} -> {e1['painted_mean']:.3f} "
+                   f"(never worse: {'MET' if ok else 'MISSED'})")
     text = (f"ratio round 0 {e0['ratio']:.2f}" + (f", round 1 {e1['ratio']:.2f}" if e1 else "")
             + f"  floor (<= {FLOOR:.1f} every round): {'MET' if floor else 'MISSED'}"
             f"  target (<= {TARGET_R0} / {TARGET_R1}): {'MET' if target else 'MISSED'}"
-            + (f"  budget overrun: {'; '.join(over)}" if over else "  within budget"))
+            + (f"  budget overrun: {'; '.join(over)}" if over else "  within budget") + painted)
     return [dict(floor=floor, target=target, ratios=ratios, overruns=over, text=text)]
 
 

@@ -128,7 +128,7 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
     logf = log or (lambda rec: None)
     pseudo: list = [None] * len(images)
     held = [np.zeros(im.labels.shape, bool) for im in images]
-    teacher_full = teacher_h = refit = grown = None
+    teacher_full = teacher_h = refit = grown = prior = None
     fusion: dict = {"weight": 1.0}
     p_teacher = y_h = None
     if s.use_teacher:
@@ -153,8 +153,12 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
                 if (limit is not None and not im.labels.any()
                         and time.perf_counter() - t_start > limit):
                     continue  # unpainted context images are optional, painted ones are not
-                pseudo[n] = pseudo_from_proba(teacher_h.predict_proba(im.raw, stop),
-                                              train_labels[n])
+                p_img = teacher_h.predict_proba(im.raw, stop)
+                pseudo[n] = pseudo_from_proba(p_img, train_labels[n])
+                # The classes' shares of the images, as the teacher sees them (fusion.prior_weights).
+                share = np.bincount(np.argmax(p_img, axis=0).ravel(), minlength=K)[:K]
+                prior = share if prior is None else prior + share
+                del p_img
             if h.any():
                 # The forest prediction uses is re-fitted on all strokes while the student
                 # trains (sklearn releases the GIL; one core), joined after training.
@@ -221,7 +225,7 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
         try:
             fusion, kept_previous = _fuse(images, train_labels, held, model, previous, plan,
                                           device_t, p_teacher, y_h, s, names, stop, deadline,
-                                          grown)
+                                          grown, prior)
         except InterruptedError:
             cancelled = True
     model.eval()
@@ -269,7 +273,7 @@ def _grow_training_strokes(images, train_labels, held, s: RoundSettings) -> list
 
 
 def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_all, y_all,
-          s: RoundSettings, names, stop, deadline, grown=None):
+          s: RoundSettings, names, stop, deadline, grown=None, prior=None):
     """Score the new (and the previous) network, the teacher and grow-from-seeds on held-out
     strokes; returns (fusion record, keep the previous network?).
 
@@ -277,7 +281,7 @@ def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_a
     (network, teacher, grow from seeds) shares for the painted images, where the strokes can
     seed a region growing."""
     from semsegloop.learn import seeded
-    from semsegloop.learn.fusion import choose_weights, per_class, score_tiles
+    from semsegloop.learn.fusion import choose_weights, per_class, prior_weights, score_tiles
 
     K = s.n_classes
     models = [model] + ([previous] if previous is not None else [])
@@ -287,6 +291,9 @@ def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_a
     p_teacher, y_h = p_teacher_all[rows], y_all[rows]
     p_net = probs[0]
     record: dict = {"held_out_pixels": int(len(y_all)), "scored_pixels": int(len(y_h))}
+    wts = prior_weights(y_h, prior)
+    if prior is not None:
+        record["class_shares"] = [round(float(v) / max(float(np.sum(prior)), 1), 4) for v in prior]
     comps = {"network": p_net, "teacher": p_teacher}
     if grown is not None or seeded.ready():
         # Grow from the training strokes only, then read the held-out pixels it reached.
@@ -299,10 +306,11 @@ def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_a
         comps["seeded"] = seeded.as_probabilities(np.concatenate(parts), K)
 
     def decide(p_network):
-        w2, t2 = choose_weights([p_network, p_teacher], y_h, K, anchor=1)
+        w2, t2 = choose_weights([p_network, p_teacher], y_h, K, weights=wts)
         out = {"weight": float(w2[0]), "dice2": t2[w2][0], "alone": t2[(1.0, 0.0)]}
         if "seeded" in comps:
-            w3, t3 = choose_weights([p_network, p_teacher, comps["seeded"]], y_h, K, anchor=1)
+            w3, t3 = choose_weights([p_network, p_teacher, comps["seeded"]], y_h, K,
+                                    weights=wts)
             out.update(seeded_weights=[float(v) for v in w3], dice3=t3[w3][0])
         return out
 
@@ -325,12 +333,12 @@ def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_a
         record["seeded_weights"] = new["seeded_weights"]
     w = new["weight"]
     fused = w * p_net + (1 - w) * p_teacher
-    record["estimate"] = {"fused": per_class(fused, y_h, K, names),
-                          "network": per_class(p_net, y_h, K, names),
-                          "teacher": per_class(p_teacher, y_h, K, names)}
+    record["estimate"] = {"fused": per_class(fused, y_h, K, names, wts),
+                          "network": per_class(p_net, y_h, K, names, wts),
+                          "teacher": per_class(p_teacher, y_h, K, names, wts)}
     if "seeded" in comps:
         a, b, c = new["seeded_weights"]
         record["estimate"]["fused_painted"] = per_class(
-            a * p_net + b * p_teacher + c * comps["seeded"], y_h, K, names)
-        record["estimate"]["seeded"] = per_class(comps["seeded"], y_h, K, names)
+            a * p_net + b * p_teacher + c * comps["seeded"], y_h, K, names, wts)
+        record["estimate"]["seeded"] = per_class(comps["seeded"], y_h, K, names, wts)
     return record, keep
