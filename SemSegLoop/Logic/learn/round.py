@@ -129,6 +129,9 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
     pseudo: list = [None] * len(images)
     held = [np.zeros(im.labels.shape, bool) for im in images]
     teacher_full = teacher_h = refit = grown = prior = None
+    # Seconds the painted images' teacher and grow-from-seeds predictions took here: predicting
+    # them after the round costs as much again (a reserve kept out of the student's budget).
+    painted_s = 0.0
     fusion: dict = {"weight": 1.0}
     p_teacher = y_h = None
     if s.use_teacher:
@@ -153,7 +156,10 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
                 if (limit is not None and not im.labels.any()
                         and time.perf_counter() - t_start > limit):
                     continue  # unpainted context images are optional, painted ones are not
+                tp = time.perf_counter()
                 p_img = teacher_h.predict_proba(im.raw, stop)
+                if im.labels.any():
+                    painted_s += time.perf_counter() - tp
                 pseudo[n] = pseudo_from_proba(p_img, train_labels[n])
                 # The classes' shares of the images, as the teacher sees them (fusion.prior_weights).
                 share = np.bincount(np.argmax(p_img, axis=0).ravel(), minlength=K)[:K]
@@ -169,7 +175,9 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
             if h.any() and seeded.ready():
                 # Grow from seeds does not depend on the network: grown here, its time is
                 # taken from the student's budget instead of running past the round's end.
+                tg = time.perf_counter()
                 grown = _grow_training_strokes(images, train_labels, held, s)
+                painted_s += time.perf_counter() - tg
         except CancelledError:
             pseudo = [None] * len(images)
             teacher_full = teacher_h = None
@@ -207,11 +215,18 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
         budget = max(1.0, s.time_budget_s - (time.perf_counter() - t_start) - s.reserve_s - scoring)
     # A warm-started model is refined, not retrained: a lower rate keeps what it knew.
     lr = float(s.preset["learning_rate"]) * (0.5 if warm else 1.0)
+    painted_vox = sum(int(np.prod(im.labels.shape)) for im in images if im.labels.any())
+    patch_vox = int(np.prod(plan.patch_size)) * int(s.preset["batch_size"])
+
+    def reserve(step_s: float) -> float:
+        # A forward pass costs about a third of a training step (forward + backward) per voxel.
+        return painted_s + step_s * painted_vox / (3 * patch_vox)
     n_steps, _, last_loss, cancelled, val = tr.run_training(
         model, sampler, loss_fn, device=device_t, round_index=s.round_index,
         batch_size=int(s.preset["batch_size"]), learning_rate=lr,
         steps=s.steps, time_budget_s=budget, progress=progress, cancel=cancel,
-        validate=validate, log=logf, seed=s.seed, dims=s.dims)
+        validate=validate, log=logf, seed=s.seed, dims=s.dims,
+        reserve=reserve if s.time_budget_s is not None else None)
     if refit is not None:
         try:
             teacher_full = refit.join()

@@ -168,12 +168,14 @@ def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_siz
                  validate: Callable[[], dict[str, float]] | None = None,
                  validate_every_s: float = 10.0,
                  log: Callable[[dict], None] | None = None,
-                 seed: int = 0, dims: int | None = None
+                 seed: int = 0, dims: int | None = None,
+                 reserve: Callable[[float], float] | None = None
                  ) -> tuple[int, float, float | None, bool, dict | None]:
     """Train ``model`` in place. Returns (steps_done, seconds, last_loss, cancelled, val_dice).
 
     Stops at ``steps`` or ``time_budget_s``, whichever comes first (60 s when neither is
-    given). The model's weights after the last completed optimiser step are always a valid
+    given); ``reserve(seconds per step)`` is time the budget must keep for what follows the
+    training (predicting the painted images). The model's weights after the last completed optimiser step are always a valid
     model, so a cancel between steps loses at most the step in flight.
     """
     import torch
@@ -202,7 +204,8 @@ def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_siz
                            elapsed / time_budget_s if time_budget_s else 0.0)
                 if frac >= 1.0:
                     break
-                if time_budget_s and step_s is not None and elapsed + step_s > time_budget_s:
+                if time_budget_s and step_s is not None and (
+                        elapsed + step_s + (reserve(step_s) if reserve else 0.0) > time_budget_s):
                     break  # the next step would end past the budget (3D CPU steps take s)
                 if is_cancelled():
                     cancelled = True
