@@ -68,3 +68,31 @@ def test_a_reopened_project_refits_the_same_teacher(fused_project, tmp_path):
     second = again.predict_full(b, save=False, component="teacher")
     np.testing.assert_array_equal(first.probabilities, second.probabilities)
     assert not list((tmp_path / "copy").rglob("*.pkl"))
+
+
+def test_an_image_painted_with_one_class_keeps_a_sharp_uncertainty_map(tmp_path, tiny_models):
+    # Grow from seeds needs two classes: on an image painted with one, nothing grows, and the
+    # network and teacher carry every pixel alone (their blend, renormalised).
+    from semsegloop.learn import seeded
+
+    if not seeded.available():
+        pytest.skip("Slicer's GrowCut (slicer-core) is not installed")
+    proj = semsegloop.Project.create(tmp_path / "p", ["square", "background"], dims=2,
+                                     preset="tiny2d")
+    a = proj.add_image(square_image(64, seed=0)[0], name="a")
+    b = proj.add_image(square_image(64, seed=1)[0], name="b")
+    proj.set_labels(a, square_strokes(64))
+    one = np.zeros((64, 64), np.uint8)
+    one[2:5, 2:40] = 2  # background only
+    proj.set_labels(b, one)
+    seeded.warm_up()
+    proj.train(steps=10, device="cpu")
+    rnd = proj.rounds[-1]
+    if not rnd["fusion"].get("seeded_weights") or rnd["fusion"]["seeded_weights"][2] == 0:
+        pytest.skip("this round gave grow from seeds no weight")
+    wa, wb, wc = rnd["fusion"]["seeded_weights"]
+    pn = proj.predict_full(b, save=False, component="network").probabilities.astype(np.float32)
+    pt = proj.predict_full(b, save=False, component="teacher").probabilities.astype(np.float32)
+    got = proj.predict_full(b, save=False)
+    np.testing.assert_allclose(got.probabilities.astype(np.float32),
+                               (wa * pn + wb * pt) / (wa + wb), atol=3e-3)

@@ -76,8 +76,18 @@ def predict_fused(model, teacher, fusion, image: np.ndarray, plan, device, n_cla
     if c > 0.0:
         grown = seeded.grow_from_seeds(raw, seeds, plan.dims, spacing)
         for s in range(grown.shape[0]):  # one slice at a time: bounded temporaries
-            g = seeded.as_probabilities(grown[s], n_classes)
-            probs[:, s] = (probs[:, s].astype(np.float32) + c * np.moveaxis(g, -1, 0)).astype(np.float16)
+            g = np.moveaxis(seeded.as_probabilities(grown[s], n_classes), -1, 0)
+            p = probs[:, s].astype(np.float32)
+            # Where nothing grew (a slice with strokes of one class) the other models carry
+            # the pixel alone: a uniform share would leave the labels but flatten the
+            # uncertainty map to c * (1 - 1/K) everywhere there.
+            none = grown[s] == 0
+            if c < 1.0:
+                p[:, none] /= (1.0 - c)
+            else:
+                p[:, none] = g[:, none]
+            p[:, ~none] += c * g[:, ~none]
+            probs[:, s] = p.astype(np.float16)
     if progress is not None:
         progress(1.0)
     labels, entropy = labels_and_entropy(probs)
