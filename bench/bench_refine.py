@@ -88,26 +88,39 @@ def new_project(case, workdir: Path, name: str, indices):
 
 
 # ------------------------------------------------------------------------------ Refine
-def first_round(case, args, workdir: Path, indices, name: str):
+def first_round(case, args, workdir: Path, indices, name: str, steps: int | None = None):
     """A project holding ``indices`` with the usual strokes on the painted images, round 1 done."""
+    steps = steps or args.train_steps
     proj, ids = new_project(case, workdir, name, indices)
     strokes = {i: make_strokes(case, i, args) for i in case.paint}
     for i in case.paint:
         proj.set_labels(ids[i], strokes[i])
-    log(f"{case.key}: round 1, {args.train_steps} steps")
-    proj.train(steps=args.train_steps, device=args.device, seed=args.seed)
+    log(f"{case.key}: round 1, {steps} steps")
+    proj.train(steps=steps, device=args.device, seed=args.seed)
     return proj, ids, strokes
 
 
-def refine_case(case, args, proj, ids, strokes) -> dict:
+def refine_case(case, args, proj, ids, strokes, steps: int | None = None,
+                component: str = "fused") -> dict:
+    """5 clicks on each target image. ``component`` "fused": ``Project.refine`` (the engine's
+    Refine, on the round's fused probabilities), then a retraining round; "network":
+    ``refine_labels`` on the network's probabilities alone (a diagnostic: no retraining)."""
+    from semsegloop.data.normalization import normalize
     from semsegloop.measure.simulate import simulate_correction
+    from semsegloop.predict.refine import refine_labels
 
+    steps = steps or args.train_steps
     targets = case.paint[: args.targets]
     K = case.n_classes
     rows = []
     for i in targets:
         ref = case.samples[i].reference
-        pred = proj.predict(ids[i], device=args.device)
+        if component == "fused":
+            pred = proj.predict(ids[i], device=args.device)
+        else:
+            full = proj.predict_full(ids[i], device=args.device, save=False, component=component)
+            pred, probs = full.labels, full.probabilities
+            x = normalize(proj.image(ids[i]).array, proj._meta["normalization"])
         row = {"image": case.samples[i].name, "start": dice(pred, ref, K), "refine": [],
                "grow": [], "refine_s": []}
         so_far, current = strokes[i].copy(), pred
@@ -118,20 +131,28 @@ def refine_case(case, args, proj, ids, strokes) -> dict:
             if not click.any():
                 break
             t0 = time.perf_counter()
-            current = proj.refine(ids[i], click)
+            if component == "fused":
+                current = proj.refine(ids[i], click)
+            else:
+                current = refine_labels(x, probs, current, after, proj.geometry(ids[i]).spacing,
+                                        case.dims)
             row["refine_s"].append(time.perf_counter() - t0)
             so_far = after
             row["refine"].append(dice(current, ref, K))
             row["grow"].append(dice(grow_from_seeds(case.samples[i].image.array, so_far), ref, K))
         rows.append(row)
-        log(f"{case.key} {row['image']}: start {row['start']:.3f} refine "
+        log(f"{case.key} {component} {row['image']}: start {row['start']:.3f} refine "
             f"{' '.join(f'{d:.3f}' for d in row['refine'])} | grow "
             f"{' '.join(f'{d:.3f}' for d in row['grow'])}")
-    log(f"{case.key}: retraining round with the clicks, {args.train_steps} steps")
-    proj.train(steps=args.train_steps, device=args.device, seed=args.seed)
+    if component == "fused":
+        log(f"{case.key}: retraining round with the clicks, {steps} steps")
+        proj.train(steps=steps, device=args.device, seed=args.seed)
     for row, i in zip(rows, targets):
-        row["retrain"] = dice(proj.predict(ids[i], device=args.device), case.samples[i].reference, K)
-    return summarise_refine(case, rows, args)
+        row["retrain"] = (dice(proj.predict(ids[i], device=args.device), case.samples[i].reference, K)
+                          if component == "fused" else float("nan"))
+    out = summarise_refine(case, rows, args)
+    out.update(steps=steps, component=component)
+    return out
 
 
 def summarise_refine(case, rows, args) -> dict:
@@ -148,7 +169,7 @@ def summarise_refine(case, rows, args) -> dict:
             "refine_s_max": max(s for r in rows for s in r["refine_s"]),
             "refine_s_mean": float(np.mean([s for r in rows for s in r["refine_s"]])),
             "never_drops": all(b >= a - 1e-9 for a, b in zip(curve, curve[1:])),
-            "half_of_retrain": gain_refine >= 0.5 * gain_retrain,
+            "half_of_retrain": bool(gain_refine >= 0.5 * gain_retrain),
             "beats_grow": all(a > b for a, b in zip(ref_curve, grow_curve))}
 
 
@@ -204,20 +225,25 @@ def copy_project(proj, dst: Path):
 
 
 def suggest_case(case, args, arms: dict, ids) -> dict:
-    """``arms``: {"suggest": project, "spread": project}, copies of one project after round 1."""
+    """``arms``: {"suggest": project, "spread": project, "least": project}, copies of one
+    project after round 1. "least" paints the 3 images Suggest ranks last: if the ranking
+    means anything, it should come out below the suggested ones."""
     proj = arms["suggest"]
     by_id = {v: k for k, v in ids.items()}
-    t0 = time.perf_counter()
-    suggested = proj.suggest(3, device=args.device)
-    suggest_s = time.perf_counter() - t0
-    chosen = {"suggest": [by_id[s["image_id"]] for s in suggested]}
     unpainted = [i for i in ids if i not in case.paint]
-    chosen["spread"] = [unpainted[j] for j in datasets.spread(len(unpainted), 3)]
-    rest = [i for i in unpainted if i not in chosen["suggest"] and i not in chosen["spread"]]
-    result = {"case": case.key, "suggested": [case.samples[i].name for i in chosen["suggest"]],
-              "scores": [s["score"] for s in suggested],
-              "spread": [case.samples[i].name for i in chosen["spread"]],
-              "suggest_s": suggest_s, "rest": len(rest)}
+    t0 = time.perf_counter()
+    ranked = proj.suggest(len(unpainted), device=args.device)
+    suggest_s = time.perf_counter() - t0
+    order = [by_id[s["image_id"]] for s in ranked]
+    chosen = {"suggest": order[:3], "least": order[-3:],
+              "spread": [unpainted[j] for j in datasets.spread(len(unpainted), 3)]}
+    chosen = {k: v for k, v in chosen.items() if k in arms}
+    used = {i for v in chosen.values() for i in v}
+    # Every arm is scored on the same images: those none of them painted.
+    rest = [i for i in unpainted if i not in used]
+    result = {"case": case.key, "rest": len(rest), "suggest_s": suggest_s,
+              "scores": {case.samples[by_id[s["image_id"]]].name: s["score"] for s in ranked},
+              "arms": {}}
     for name, p in arms.items():
         for i in chosen[name]:
             p.set_labels(ids[i], make_strokes(case, i, args))
@@ -225,8 +251,11 @@ def suggest_case(case, args, arms: dict, ids) -> dict:
         p.train(steps=args.train_steps, device=args.device, seed=args.seed)
         scores = [dice(p.predict(ids[i], device=args.device, save=False), case.samples[i].reference,
                        case.n_classes) for i in rest]
-        result[f"dice_{name}"] = float(np.mean(scores))
-    result["suggest_wins"] = result["dice_suggest"] > result["dice_spread"]
+        result["arms"][name] = {"images": [case.samples[i].name for i in chosen[name]],
+                                "dice": float(np.mean(scores))}
+        log(f"{case.key}: {name} {result['arms'][name]}")
+    a = result["arms"]
+    result["suggest_wins"] = a["suggest"]["dice"] > a["spread"]["dice"]
     return result
 
 
@@ -242,31 +271,44 @@ def print_report(report: dict) -> None:
         print(f"{r['shape']:<14}{r['method']:<10}{r['median_s']:>9.3f}{r['max_s']:>8.3f}"
               f"{r['target_s']:>8.1f}{r['wedge_fixed']:>7.2f}")
     for c in report["refine"]:
-        print(f"\n{c['title']} ({c['dims']}D), {len(c['images'])} painted image(s): mean Dice")
+        what = ("Project.refine on the round's fused probabilities" if c["component"] == "fused"
+                else f"refine_labels on the {c['component']}'s probabilities alone (diagnostic)")
+        title = c["title"] if f"({c['dims']}D" in c["title"] else f"{c['title']} ({c['dims']}D)"
+        print(f"\n{title}, round 1 of {c['steps']} steps, {len(c['images'])} "
+              f"painted image(s), {what}: mean Dice")
         print(f"{'clicks':<10}" + "".join(f"{n:>7}" for n in range(len(c['refine']) + 1)))
         print(f"{'refine':<10}{c['start']:>7.3f}" + "".join(f"{d:>7.3f}" for d in c["refine"]))
         print(f"{'grow':<10}{'':>7}" + "".join(f"{d:>7.3f}" for d in c["grow"]))
-        print(f"{'retrain':<10}{c['start']:>7.3f}{'':>{7 * (len(c['refine']) - 1)}}{c['retrain']:>7.3f}"
-              "  (one more round on the same strokes)")
-        print(f"Refine seconds (Project.refine, incl. I/O): mean {c['refine_s_mean']:.3f}, max "
-              f"{c['refine_s_max']:.3f}; never drops: {c['never_drops']}; >= half the retraining "
-              f"gain: {c['half_of_retrain']}; beats Grow from seeds after every click: {c['beats_grow']}")
+        if c["component"] == "fused":
+            print(f"{'retrain':<10}{c['start']:>7.3f}{'':>{7 * (len(c['refine']) - 1)}}"
+                  f"{c['retrain']:>7.3f}  (one more round on the same strokes)")
+        half = (f">= half the retraining gain: {c['half_of_retrain']}; "
+                if c["component"] == "fused" else "")
+        print(f"Refine seconds (incl. I/O for Project.refine): mean {c['refine_s_mean']:.3f}, max "
+              f"{c['refine_s_max']:.3f}; never drops: {c['never_drops']}; {half}"
+              f"beats Grow from seeds after every click: {c['beats_grow']}")
+    labels = {"suggest": "suggested (most uncertain)", "spread": "evenly spread",
+              "least": "least uncertain (control)"}
     for c in report["suggest"]:
-        print(f"\nSuggest on {c['case']}: round 2 paints 3 more images; mean Dice on the other "
-              f"{c['rest']} images")
-        print(f"  suggested {c['suggested']} (scores {[round(x, 3) for x in c['scores']]}, "
-              f"{c['suggest_s']:.1f} s): {c['dice_suggest']:.3f}")
-        print(f"  evenly spread {c['spread']}: {c['dice_spread']:.3f}   suggest higher: "
-              f"{c['suggest_wins']}")
+        print(f"\nSuggest on {c['case']}: round 2 paints 3 more images ({s['train_steps']} more "
+              f"steps); mean Dice on the {c['rest']} images no arm painted "
+              f"(Project.suggest over all unpainted: {c['suggest_s']:.1f} s)")
+        for name, arm in c["arms"].items():
+            sc = [round(c["scores"][n], 3) for n in arm["images"]]
+            print(f"  {labels[name]:<28}{arm['dice']:>7.3f}   {arm['images']} scores {sc}")
+        print(f"  suggested higher than evenly spread: {c['suggest_wins']}")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--refine-cases", default="isbi,hippocampus")
+    p.add_argument("--refine-cases", default="isbi,nuclei,hippocampus")
     p.add_argument("--suggest-cases", default="isbi")
     # Steps, not seconds: the machine is shared, and a time budget would give a model whose
     # quality depends on the other sessions' load (60 s on two free cores is ~120-170 steps).
     p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--poor-cases", default="nuclei",
+                   help="cases also refined after a round 1 of only --poor-steps steps")
+    p.add_argument("--poor-steps", type=int, default=5)
     p.add_argument("--clicks", type=int, default=5)
     p.add_argument("--targets", type=int, default=2, help="painted images refined per case")
     p.add_argument("--context", type=int, default=3, help="unpainted images in the refine project")
@@ -275,11 +317,15 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", type=Path, default=datasets.DEFAULT_DATA)
+    p.add_argument("--arms", default="suggest,spread,least",
+                   help="Suggest arms (suggest and spread are needed)")
     p.add_argument("--json", type=Path)
     p.add_argument("--no-speed", action="store_true")
     args = p.parse_args(argv)
     args.refine_cases = [c for c in args.refine_cases.split(",") if c]
     args.suggest_cases = [c for c in args.suggest_cases.split(",") if c]
+    args.arms = [a for a in args.arms.split(",") if a]
+    args.poor_cases = [c for c in args.poor_cases.split(",") if c]
     return args
 
 
@@ -296,9 +342,11 @@ def main(argv=None) -> int:
         report["speed"] = speed(args)
     workdir = Path(tempfile.mkdtemp(prefix="semsegloop_refine_"))
     try:
-        for key in dict.fromkeys(args.refine_cases + args.suggest_cases):
+        for key in dict.fromkeys(args.refine_cases + args.suggest_cases + args.poor_cases):
             try:
-                case = datasets.load(key, args.data, quick=key == "hippocampus")
+                # Suggest on volumes needs the full set (4 painted + 20 unseen); Refine two.
+                quick = key == "hippocampus" and key not in args.suggest_cases
+                case = datasets.load(key, args.data, quick=quick)
             except FileNotFoundError as e:
                 report["skipped"].append(f"{key}: {e}")
                 print(f"{key}: skipped ({e})")
@@ -308,15 +356,23 @@ def main(argv=None) -> int:
                 indices = list(range(len(case.samples)))
             else:
                 indices = case.paint + [case.predict[j] for j in datasets.spread(len(case.predict), args.context)]
-            proj, ids, strokes = first_round(case, args, workdir, indices, "main")
             arms = {}
+            if key in args.refine_cases or key in args.suggest_cases:
+                proj, ids, strokes = first_round(case, args, workdir, indices, "main")
             if key in args.suggest_cases:   # copies of round 1, before Refine adds clicks
-                arms = {"suggest": copy_project(proj, workdir / f"{key}_suggest"),
-                        "spread": copy_project(proj, workdir / f"{key}_spread")}
+                arms = {a: copy_project(proj, workdir / f"{key}_{a}") for a in args.arms}
             if key in args.refine_cases:
                 report["refine"].append(refine_case(case, args, proj, ids, strokes))
             if arms:
                 report["suggest"].append(suggest_case(case, args, arms, ids))
+            if key in args.poor_cases:
+                # A poor model (few steps): the engine's Refine beside Refine on the network
+                # alone, which is what lost to Grow from seeds before the fused prediction.
+                proj, ids, strokes = first_round(case, args, workdir, indices, "poor",
+                                                 steps=args.poor_steps)
+                for comp in ("network", "fused"):
+                    report["refine"].append(refine_case(case, args, proj, ids, strokes,
+                                                        steps=args.poor_steps, component=comp))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     settings["total_s"] = time.perf_counter() - t_all
