@@ -204,7 +204,8 @@ def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_siz
                            elapsed / time_budget_s if time_budget_s else 0.0)
                 if frac >= 1.0:
                     break
-                if time_budget_s and step_s is not None and (
+                # From the second step on: the first includes one-off set-up (seconds).
+                if time_budget_s and step_s is not None and step >= 2 and (
                         elapsed + step_s + (reserve(step_s) if reserve else 0.0) > time_budget_s):
                     break  # the next step would end past the budget (3D CPU steps take s)
                 if is_cancelled():
