@@ -112,7 +112,7 @@ def _holdout_units(labels, units, n_classes, seed, fraction, prefer):
             continue
         n, idx = units[u]
         out[n][idx] |= labels[n][idx] > 0
-        left, taken, held = keep, taken + int(counts[u, 1:].sum()), held + 1
+        left, taken, held = keep, taken + size, held + 1
     return out if held else None
 
 

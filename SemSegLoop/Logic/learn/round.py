@@ -58,9 +58,6 @@ class RoundSettings:
     pairwise_weight: float | None = None
     use_teacher: bool = True
     class_names: list | None = None
-    # Seconds of the budget left for predicting the painted images after the round (the
-    # person's budget ends when the prediction is there).
-    reserve_s: float = 0.0
 
 
 @dataclass
@@ -212,7 +209,7 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
         # Rounds too short to hide it score within their budget's last step instead.
         scoring = (SCORING_SHARE * s.time_budget_s
                    if p_teacher is not None and s.time_budget_s >= WARM_UP_MIN_BUDGET_S else 0.0)
-        budget = max(1.0, s.time_budget_s - (time.perf_counter() - t_start) - s.reserve_s - scoring)
+        budget = max(1.0, s.time_budget_s - (time.perf_counter() - t_start) - scoring)
     # A warm-started model is refined, not retrained: a lower rate keeps what it knew.
     lr = float(s.preset["learning_rate"]) * (0.5 if warm else 1.0)
     painted_vox = sum(int(np.prod(im.labels.shape)) for im in images if im.labels.any())
@@ -236,7 +233,7 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
     if p_teacher is not None and n_steps > 0 and not cancelled:
         deadline = None
         if s.time_budget_s is not None:
-            deadline = max(time.perf_counter(), t_start + s.time_budget_s - s.reserve_s)
+            deadline = max(time.perf_counter(), t_start + s.time_budget_s)
         try:
             fusion, kept_previous = _fuse(images, train_labels, held, model, previous, plan,
                                           device_t, p_teacher, y_h, s, names, stop, deadline,
@@ -278,13 +275,13 @@ class _Background:
         return self.out[0]
 
 
-def _grow_training_strokes(images, train_labels, held, s: RoundSettings) -> list:
-    """Per image, grow-from-seeds labels from the training strokes where strokes are held out
-    (None elsewhere): what _fuse scores grow from seeds with."""
+def _grow_training_strokes(images, train_labels, where, s: RoundSettings) -> list:
+    """Per image, grow-from-seeds labels from the training strokes on images where ``where``
+    (held-out or scored pixels) has any pixel, None elsewhere: what _fuse scores it with."""
     from semsegloop.learn import seeded
 
-    return [seeded.grow_from_seeds(im.raw, lab, s.dims, s.spacing) if h.any() else None
-            for im, lab, h in zip(images, train_labels, held)]
+    return [seeded.grow_from_seeds(im.raw, lab, s.dims, s.spacing) if w.any() else None
+            for im, lab, w in zip(images, train_labels, where)]
 
 
 def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_all, y_all,
@@ -310,14 +307,13 @@ def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_a
     if prior is not None:
         record["class_shares"] = [round(float(v) / max(float(np.sum(prior)), 1), 4) for v in prior]
     comps = {"network": p_net, "teacher": p_teacher}
-    if grown is not None or seeded.ready():
-        # Grow from the training strokes only, then read the held-out pixels it reached.
-        parts = []
-        for n, (im, lab, sc) in enumerate(zip(images, train_labels, scored)):
-            if sc.any():
-                g = grown[n] if grown is not None and grown[n] is not None else \
-                    seeded.grow_from_seeds(im.raw, lab, s.dims, s.spacing)
-                parts.append(g[sc])
+    if grown is None and seeded.ready():
+        # GrowCut was still loading before training: grown now, on the scored images only.
+        grown = _grow_training_strokes(images, train_labels, scored, s)
+    if grown is not None:
+        # Grown from the training strokes only; read at the held-out pixels scored (scored
+        # pixels are held out, so every image with some was grown).
+        parts = [g[sc] for g, sc in zip(grown, scored) if sc.any()]
         comps["seeded"] = seeded.as_probabilities(np.concatenate(parts), K)
 
     def decide(p_network):

@@ -34,16 +34,13 @@ SW_BATCH = 2
 OVERLAP = 0.25
 
 
-def inference_roi(plan, spatial_shape, n_classes: int | None = None,
-                  max_voxels: int | None = None) -> list[int]:
-    """Window size: the whole image where it fits MAX_WINDOW_VOXELS (and ``max_voxels``, and
-    the logits budget for ``n_classes``), else the fewest windows per axis that cover it with
+def inference_roi(plan, spatial_shape, n_classes: int | None = None) -> list[int]:
+    """Window size: the whole image where it fits MAX_WINDOW_VOXELS (and the logits budget for
+    ``n_classes``), else the fewest windows per axis that cover it with
     MONAI's overlap, each a multiple of the net's divisor and at least its training patch."""
     cap = MAX_WINDOW_VOXELS[plan.dims]
     if n_classes:
         cap = min(cap, MAX_WINDOW_LOGIT_BYTES // (4 * n_classes * SW_BATCH))
-    if max_voxels:
-        cap = min(cap, int(max_voxels))
     floor = [max(_ceil_to(p, d), d) for p, d in zip(plan.patch_size, plan.divisor)]
     counts = [1] * len(spatial_shape)
 
