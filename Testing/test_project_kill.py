@@ -59,22 +59,8 @@ ZYGOTE = """
 
     for line in sys.stdin:
         k, path, done, trace = line.rstrip("\\n").split("\\t")
-        pid = os.fork()
-        if pid == 0:
-            os.environ[atomic.KILL_AT_ENV] = k if k != "0" else ""
-            os.environ[atomic.TRACE_ENV] = trace
-            atomic._points_passed = 0
-            code = 0
-            try:
-                scenario(path, done)
-            except BaseException as e:
-                print(repr(e), file=sys.stderr, flush=True)
-                code = 1
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-                          "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}),
-              flush=True)
+        pid = atomic.fork_with_kill_point(lambda: scenario(path, done), k, trace)
+        print(json.dumps(atomic.child_status(pid)), flush=True)
 """
 
 

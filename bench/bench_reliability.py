@@ -79,23 +79,10 @@ def save_loop(path, done, arrays):
 
 for line in sys.stdin:
     mode, k, path, done, trace, arrays = line.rstrip("\n").split("\t")
-    pid = os.fork()
-    if pid == 0:
-        os.environ[atomic.KILL_AT_ENV] = k if k != "0" else ""
-        os.environ[atomic.TRACE_ENV] = trace
-        atomic._points_passed = 0
-        code = 0
-        try:
-            (scenario if mode == "hook" else save_loop)(path, done, arrays)
-        except BaseException as e:
-            print(repr(e), file=sys.stderr, flush=True)
-            code = 1
-        os._exit(code)
+    fn = scenario if mode == "hook" else save_loop
+    pid = atomic.fork_with_kill_point(lambda: fn(path, done, arrays), k, trace)
     print(json.dumps({"pid": pid}), flush=True)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps({"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-                      "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}),
-          flush=True)
+    print(json.dumps(atomic.child_status(pid)), flush=True)
 '''
 
 TINY_2D = {"name": "tiny2d", "description": "probe-only 2D UNet", "dims": 2, "network": "DynUNet",

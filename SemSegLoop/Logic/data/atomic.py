@@ -39,6 +39,37 @@ def write_point(what: str) -> None:
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
+def fork_with_kill_point(run, kill_at: str, trace: str) -> int:
+    """Test hook: fork a child that runs ``run()`` with the hook above armed at the
+    ``kill_at``-th write point ("" or "0": none) and tracing to ``trace``; returns the child's
+    pid in the parent (the child exits 0, or 1 after printing an exception; see
+    child_status). POSIX only: the kill tests fork a warm zygote so torch is imported once."""
+    global _points_passed
+    pid = os.fork()
+    if pid == 0:
+        import sys
+
+        os.environ[KILL_AT_ENV] = kill_at if kill_at != "0" else ""
+        os.environ[TRACE_ENV] = trace
+        _points_passed = 0
+        code = 0
+        try:
+            run()
+        except BaseException as e:
+            print(repr(e), file=sys.stderr, flush=True)
+            code = 1
+        os._exit(code)
+    return pid
+
+
+def child_status(pid: int) -> dict:
+    """Wait for a child of fork_with_kill_point: {"signal": its killing signal or None,
+    "code": its exit code or None}."""
+    _, status = os.waitpid(pid, 0)
+    return {"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+            "code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}
+
+
 def make_temp(directory: Path, prefix: str, suffix: str) -> tuple[int, Path]:
     """Create a new empty file ``<prefix><8 chars><suffix>`` in ``directory``; (fd, path).
 
