@@ -151,7 +151,8 @@ def _check(path: Path, done: list[str], arrays, mode: str) -> dict:
     out["reopens"] = True
     out["no_temporaries"] = not [p for p in path.rglob("*") if is_temporary(p.name)]
     versions = {"1": arrays["lab_a1"], "2": arrays["lab_a2"], "3": arrays["lab_a3"]}
-    lab_a = proj.labels("a")[0]
+    # Labels come back on the image's grid: (Y, X) for these (Y, X) images.
+    lab_a = proj.labels("a").reshape(arrays["lab_a1"].shape)
     last = next((d.split()[-1] for d in reversed(done) if d.startswith("labels a")), "1")
     # The version in flight when the kill came: the hook loop paints 1 -> 2 -> 3, the timed
     # loop 1 -> 3 -> 2 -> 3 -> ...
@@ -163,7 +164,8 @@ def _check(path: Path, done: list[str], arrays, mode: str) -> dict:
     if "image b" in done:
         ok_b = "b" in proj.image_ids
     if "labels b 1" in done:
-        ok_b = ok_b and np.array_equal(proj.labels("b")[0], arrays["lab_b"])
+        ok_b = ok_b and np.array_equal(proj.labels("b").reshape(arrays["lab_b"].shape),
+                                       arrays["lab_b"])
     out["returned_strokes_kept"] = out["returned_strokes_kept"] and ok_b
     on_disk = {i: proj.labels(i) for i in proj.image_ids}
     painted = sorted(i for i, lab in on_disk.items() if lab.any())
