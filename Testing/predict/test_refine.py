@@ -148,3 +148,25 @@ def test_refine_bad_input_is_refused_with_a_message(predicted, tmp_path, tiny_mo
     with pytest.raises(LabelError, match="empty"):
         proj.refine(image_id, np.zeros_like(ref))
     assert proj.refined_prediction(image_id) is None    # nothing was refined on the way
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_click_does_not_cross_a_high_intensity_wall(method):
+    """The network calls everything class 1; a click of class 2 next to a bright wall fixes its
+    side and leaves everything beyond the wall alone (the pull crossed walls when a strong
+    edge's geodesic cost was capped at 20 steps, lam 0.95)."""
+    rng = np.random.default_rng(1)
+    img = rng.normal(0, 0.1, (1, 96, 96)).astype(np.float32)
+    img[0, :, 46:50] += 5.0
+    p2 = np.full((1, 96, 96), 0.3, np.float32)
+    probs = np.stack([1 - p2, p2]).astype(np.float16)
+    current = np.ones((1, 96, 96), np.uint8)
+    click = np.zeros_like(current)
+    click[0, 46:51, 38:43] = 2
+    out = refine_labels(img[..., None], probs, current, click, (1.0, 1.0, 1.0), 2,
+                        RefineSettings(method=method))
+    assert (out[0, :, :46] == 2).mean() > 0.8          # the clicked side is fixed
+    assert (out[0, :, 50:] == 1).all()                 # nothing beyond the wall changed
+    crossing = refine_labels(img[..., None], probs, current, click, (1.0, 1.0, 1.0), 2,
+                             RefineSettings(method=method, lam=0.95))
+    assert (crossing[0, :, 50:] == 2).any()            # the capped cost let it through

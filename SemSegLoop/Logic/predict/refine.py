@@ -18,8 +18,11 @@ from semsegloop.predict.geodesic import (geodesic_distance, geodesic_distance_ma
 @dataclass
 class RefineSettings:
     # Geodesic local cost mixes path length and intensity change (GeodisTK's lambda); the
-    # image is scaled so a typical neighbour difference costs about one voxel step.
-    lam: float = 0.95
+    # image is scaled so a typical neighbour difference costs about one voxel step. A step's
+    # cost saturates at step / (1 - lam): at 0.95 a wall of any contrast cost at most 20 steps
+    # per edge, so a click's pull crossed thin membranes (ISBI); at 0.99 a strong edge costs
+    # in proportion to its contrast (up to 100 steps) and stops the pull.
+    lam: float = 0.99
     iterations: int = 2
     # A stroke's pull on a voxel is strength * exp(-distance / reach); reach in voxel steps
     # of the finest axis, so a stroke in a uniform region flips about that far.
