@@ -1,5 +1,5 @@
 """Sliding-window prediction with bounded memory: label map, per-class probabilities (float16)
-and normalised entropy, for a 2D stack (slice by slice) or a 3D volume (slab by slab)."""
+and normalised entropy, for a 2D stack (slice by slice) or a 3D volume (window row by row)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import numpy as np
 
 from semsegloop.errors import TrainingError
 
-# Largest region handed to MONAI's sliding window at once. Its float32 accumulators take
-# 4 x (K + 2) bytes per voxel, so large volumes and slides are cut into slabs along the first
-# axis, as large as that budget allows (windows touching two slabs run twice: larger is faster).
-MAX_REGION_VOXELS = 64_000_000
-MAX_REGION_BYTES = 800 * 2**20
+# The blended logits of the rows a window row still touches (K x window height x plane) are
+# float32 up to this size, else float16; finished rows are turned into probabilities in chunks
+# of about this many bytes of float32 (K per voxel; the softmax's work buffers are a few).
+MAX_BAND_BYTES = 512 * 2**20
+FINISH_CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -71,8 +71,8 @@ def predict_image(model, image: np.ndarray, plan, device, n_classes: int,
     """Predict a normalised (S, Y, X, C) float32 image.
 
     2D plans run each slice separately; 3D plans run the whole volume. Probabilities are
-    written into a preallocated float16 array region by region, so peak memory is about
-    K x S x Y x X x 2 bytes plus one region's float32 work buffers. With
+    written into a preallocated float16 array as rows are finished, so peak memory is about
+    K x S x Y x X x 2 bytes plus the blended band of one window row (see _blended_rows). With
     ``keep_probabilities=False`` only labels and entropy are kept (3 bytes per voxel whatever
     K: a 40-class CT), and ``.probabilities`` is None.
     """
@@ -90,13 +90,12 @@ def predict_image(model, image: np.ndarray, plan, device, n_classes: int,
         if cancel is not None and cancel():
             raise InterruptedError("prediction cancelled")
         vol = image[s] if s is not None else image            # (Y,X,C) or (Z,Y,X,C)
-        for a, b, p in _region_slabs(model, vol, n_classes, plan, device, overlap, cancel):
+        part = None if progress is None else (lambda f, n=n: progress((n + f) / len(units)))
+        for a, b, p in _blended_rows(model, vol, n_classes, plan, device, overlap, cancel, part):
             sl = (s, slice(a, b)) if s is not None else (slice(a, b),)
             if probs is not None:
                 probs[(slice(None),) + sl] = p
             labels[sl], entropy[sl] = labels_and_entropy(p)
-        if progress is not None:
-            progress((n + 1) / len(units))
     return Prediction(labels=labels, probabilities=probs, entropy=entropy)
 
 
@@ -117,31 +116,75 @@ def labels_and_entropy(probs: np.ndarray, chunk: int = 4_000_000) -> tuple[np.nd
     return labels.reshape(shape), entropy.reshape(shape)
 
 
-def _region_slabs(model, vol: np.ndarray, n_classes: int, plan, device, overlap, cancel):
+def _blended_rows(model, vol: np.ndarray, n_classes: int, plan, device, overlap,
+                  cancel: Callable[[], bool] | None = None,
+                  progress: Callable[[float], None] | None = None):
     """Yield (start, stop, (K, stop - start, ...) float16 probabilities) for ``vol``
-    (*spatial, C), slab by slab along the first axis.
+    (*spatial, C), run window by window and blended as MONAI's gaussian sliding window does.
 
-    Each slab is widened to the whole windows that touch it, so its kept rows equal the
-    unsliced prediction."""
+    Why not MONAI's sliding_window_inference: it holds float32 logits of every class for the
+    whole image (a 512x512x300 CT with 40 classes: 12.6 GB). Here windows run in rows along
+    the first axis and only the rows the next window row still touches are held (one window
+    high); rows no window will touch again are finished (softmax) and handed out. Windows,
+    padding and weights are MONAI's (dense_patch_slices, compute_importance_map)."""
+    import torch
+    from monai.data.utils import compute_importance_map, dense_patch_slices
+
+    from semsegloop.learn.training import autocast, cancel_inside
+
     spatial = vol.shape[:-1]
-    region = min(MAX_REGION_VOXELS, MAX_REGION_BYTES // (4 * (n_classes + 2)))
     roi = inference_roi(plan, spatial, n_classes)
-    per_row = int(np.prod(spatial[1:]))
-    slab = max(roi[0], (region // max(per_row, 1)) // roi[0] * roi[0])
-    n0 = spatial[0]
-    starts = _window_starts(n0, roi[0], overlap)
-    start = 0
-    while start < n0:
-        if cancel is not None and cancel():
-            raise InterruptedError("prediction cancelled")
-        stop = min(n0, start + slab)
-        # Run exactly the windows of the whole-image grid that touch [start, stop): the rows
-        # kept get the same blend of the same windows as without slabs.
-        touching = [p for p in starts if p < stop and p + roi[0] > start]
-        a, b = min(touching), min(n0, max(touching) + roi[0])
-        p = _sliding_window(model, vol[a:b], roi, plan, device, overlap, cancel)
-        yield start, stop, p[:, start - a:stop - a]
-        start = stop
+    # MONAI pads an image smaller than the window up to it, centred, with zeros.
+    pads = [((max(r - n, 0)) // 2, max(r - n, 0) - max(r - n, 0) // 2) for r, n in zip(roi, spatial)]
+    if any(a or b for a, b in pads):
+        vol = np.pad(vol, pads + [(0, 0)])
+    full = vol.shape[:-1]
+    interval = [r if r == n else max(int(r * (1 - overlap)), 1) for r, n in zip(roi, full)]
+    windows = sorted(dense_patch_slices(full, roi, interval), key=lambda s: [x.start for x in s])
+    rows = sorted({w[0].start for w in windows})
+    weight = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=device)
+    plane = tuple(full[1:])
+    band_shape = (n_classes, roi[0]) + plane
+    # Float32 where the band fits the budget, else float16 (its 11-bit mantissa is finer than
+    # the bfloat16 logits a CPU 3D net gives); the weights stay float32.
+    wide = 4 * int(np.prod(band_shape)) <= MAX_BAND_BYTES
+    band = torch.zeros(band_shape, dtype=torch.float32 if wide else torch.float16, device=device)
+    weights = torch.zeros((roi[0],) + plane, dtype=torch.float32, device=device)
+    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol, -1, 0))).to(device)
+    keep = tuple(slice(a, a + n) for (a, _), n in zip(pads[1:], spatial[1:]))
+    chunk_rows = max(1, FINISH_CHUNK_BYTES // (4 * n_classes * max(int(np.prod(plane)), 1)))
+    top = rows[0]                                   # the image row held at band[:, 0]
+    with torch.inference_mode(), autocast(device, plan.dims), \
+            cancel_inside(model, cancel, backward=False):
+        for r, z in enumerate(rows):
+            if z > top:                             # the band moves down to start at z
+                shift = z - top
+                for j in range(roi[0] - shift):     # row by row: no copy of the band
+                    band[:, j].copy_(band[:, j + shift])
+                    weights[j].copy_(weights[j + shift])
+                band[:, max(roi[0] - shift, 0):] = 0
+                weights[max(roi[0] - shift, 0):] = 0
+                top = z
+            row = [w for w in windows if w[0].start == z]
+            for b in range(0, len(row), SW_BATCH):
+                if cancel is not None and cancel():
+                    raise InterruptedError("prediction cancelled")
+                batch = row[b:b + SW_BATCH]
+                logits = model(torch.stack([x[(slice(None),) + w] for w in batch])).float()
+                for w, lg in zip(batch, logits):
+                    at = (slice(0, roi[0]),) + tuple(w[1:])
+                    band[(slice(None),) + at] += lg.mul_(weight)
+                    weights[at] += weight
+            end = rows[r + 1] if r + 1 < len(rows) else full[0]
+            for a in range(z, end, chunk_rows):     # rows [z, end) are final
+                b = min(end, a + chunk_rows)
+                lo, hi = max(a, pads[0][0]), min(b, pads[0][0] + spatial[0])
+                if lo < hi:
+                    part = band[:, lo - z:hi - z].float() / weights[lo - z:hi - z]
+                    prob = torch.softmax(part, dim=0)[(slice(None), slice(None)) + keep]
+                    yield lo - pads[0][0], hi - pads[0][0], prob.to(torch.float16).cpu().numpy()
+            if progress is not None:
+                progress((r + 1) / len(rows))
 
 
 def _window_starts(n: int, roi: int, overlap: float) -> list[int]:
@@ -151,24 +194,6 @@ def _window_starts(n: int, roi: int, overlap: float) -> list[int]:
     step = max(int(roi * (1 - overlap)), 1)
     count = int(math.ceil((n - roi) / step)) + 1
     return sorted({min(i * step, n - roi) for i in range(count)})
-
-
-def _sliding_window(model, vol: np.ndarray, roi, plan, device, overlap,
-                    cancel: Callable[[], bool] | None = None) -> np.ndarray:
-    import torch
-    from monai.inferers import sliding_window_inference
-
-    from semsegloop.learn.training import autocast, cancel_inside
-
-    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol, -1, 0)))[None].to(device)
-    # The cancel is checked before every layer of every window, not only between slabs: one
-    # slab of a large volume is many windows.
-    with torch.inference_mode(), autocast(device, plan.dims), \
-            cancel_inside(model, cancel, backward=False):
-        logits = sliding_window_inference(x, roi_size=roi, sw_batch_size=SW_BATCH, predictor=model,
-                                          overlap=overlap, mode="gaussian")
-        prob = torch.softmax(logits.float(), dim=1)[0]
-    return prob.to(torch.float16).cpu().numpy()
 
 
 def _ceil_to(x: int, m: int) -> int:
