@@ -1,4 +1,4 @@
-"""Peak memory and speed of predicting a 512x512x300 CT with 40 classes: SemSegLoop's slab-wise
+"""Peak memory and speed of predicting a 512x512x300 CT with 40 classes: SemSegLoop's row-by-row
 labels + uncertainty (no K probabilities kept) side by side with MONAI's whole-volume
 SlidingWindowInferer (float32) on the same model and volume, in the same process.
 

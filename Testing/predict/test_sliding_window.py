@@ -230,7 +230,7 @@ def test_predict_before_any_training_says_train_first(tmp_path, tiny_models):
 
 def test_a_cancel_inside_one_window_stops_the_prediction(tmp_path, tiny_models):
     """A 3D volume predicted as one window still honours Stop: it is asked before every layer,
-    not only between slabs (one slab of a large volume is many windows)."""
+    not only between window rows (one row of a large volume is many windows)."""
     from semsegloop.learn.networks import build_network, load_preset, plan_network
 
     plan = plan_network(load_preset("tiny3d"), 1, 2, image_shape=(16, 32, 32))

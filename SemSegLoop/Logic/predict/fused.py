@@ -1,8 +1,8 @@
 """Fused prediction: the network's sliding-window probabilities blended with the teacher
 forest's, w * p_net + (1 - w) * p_teacher, with the weight the round chose on held-out strokes.
 
-The network part runs slab by slab (predict/sliding_window.py), the forest block by block, so
-memory stays bounded; with w = 1 the forest is skipped and with w = 0 the network."""
+The network part runs window row by window row (predict/sliding_window.py), the forest block
+by block, so memory stays bounded; with w = 1 the forest is skipped and with w = 0 the network."""
 
 from __future__ import annotations
 
