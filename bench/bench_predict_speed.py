@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     dev = torch.device("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}, native bf16 "
-          f"{'yes' if cpu_bf16(dev, 3) else 'no'} (3D nets use it when yes)")
+          f"{'yes' if cpu_bf16(dev, 3) else 'no'} (predictions use it when yes)")
     print(f"{'case':<34}{'method':<34}{'s':>7}{'Mpx/s':>8}{'target':>8}  labels agree")
     for dims, preset, shape_s, target in ((2, "unet2d_fast", a.shape2d, 2.0),
                                           (3, "unet3d", a.shape3d, 0.5)):

@@ -306,17 +306,23 @@ def test_teacher_labels_confident_pixels_and_stops_when_cancelled():
 
 
 @pytest.mark.parametrize("flag", ["1", "0"])
-def test_a_3d_round_on_cpu_runs_in_bfloat16_only_when_enabled(tmp_path, tiny_models, monkeypatch, flag):
+def test_cpu_bfloat16_runs_3d_rounds_and_2d_predictions_only_when_enabled(tmp_path, tiny_models, monkeypatch, flag):
     import torch
 
     from semsegloop.learn import training as tr
+    from semsegloop.learn.networks import build_network
 
     monkeypatch.setenv("SEMSEGLOOP_CPU_BF16", flag)
     cpu = torch.device("cpu")
     assert tr.cpu_bf16(cpu, 3) is (flag == "1")
-    assert tr.cpu_bf16(cpu, 2) is False  # 2D nets were slower in bf16 on CPU
+    assert tr.cpu_bf16(cpu, 2) is False  # 2D training steps were slower in bf16 on CPU
+    assert tr.cpu_bf16(cpu, 2, inference=True) is (flag == "1")   # 2D prediction is faster
+    net2 = build_network(plan_network(load_preset("unet2d_fast"), 1, 2, image_shape=(64, 64))).eval()
+    with torch.inference_mode(), tr.autocast(cpu, 2, inference=True):
+        assert net2(torch.zeros(1, 1, 64, 64)).dtype == (torch.bfloat16 if flag == "1" else torch.float32)
+    with torch.inference_mode(), tr.autocast(cpu, 2):
+        assert net2(torch.zeros(1, 1, 64, 64)).dtype == torch.float32
     plan = plan_network(load_preset("unet3d"), 1, 2, spacing=(1.0, 1.0, 1.0), image_shape=(16, 32, 32))
-    from semsegloop.learn.networks import build_network
 
     net = build_network(plan).eval()
     with torch.inference_mode(), tr.autocast(cpu, 3):

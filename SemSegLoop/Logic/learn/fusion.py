@@ -332,7 +332,7 @@ def score_tiles(models: list, images: list[np.ndarray], held: list[np.ndarray], 
         x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(crop, -1, 0)))[None].to(device)
         local = pts[:, 1:] - starts if dims == 2 else pts - starts
         for j, m in enumerate(models):
-            with torch.inference_mode(), autocast(device, dims):
+            with torch.inference_mode(), autocast(device, dims, inference=True):
                 prob = torch.softmax(m(x).float(), dim=1)[0].cpu().numpy()
             got[j][n].append(prob[(slice(None),) + tuple(local.T)].T)
         scored[n][tuple(pts.T)] = True

@@ -75,14 +75,15 @@ def select_device(device: str = "auto"):
     return torch.device(device)
 
 
-def cpu_bf16(device, dims: int) -> bool:
-    """Run a 3D network in bfloat16 on this CPU? Only where the CPU has native bf16 (AVX-512
-    BF16 / AMX, which oneDNN uses): there a 3D UNet trains 1.7x and predicts 2.3x faster
-    (bench/bench_memory.py); elsewhere bf16 is emulated and slower, and 2D nets on CPU were
-    slower in bf16 too. SEMSEGLOOP_CPU_BF16=0/1 overrides."""
+def cpu_bf16(device, dims: int, inference: bool = False) -> bool:
+    """Run a network in bfloat16 on this CPU? Only where the CPU has native bf16 (AVX-512
+    BF16 / AMX, which oneDNN uses): there a 3D UNet trains 1.7x and predicts 2.3x faster and
+    the 2D CPU preset predicts a 1024^2 image 2.2x faster (bench/bench_predict_speed.py);
+    elsewhere bf16 is emulated and slower. 2D training steps were slower in bf16, so 2D uses
+    it for ``inference`` only. SEMSEGLOOP_CPU_BF16=0/1 overrides."""
     import torch
 
-    if getattr(device, "type", str(device)) != "cpu" or dims != 3:
+    if getattr(device, "type", str(device)) != "cpu" or (dims != 3 and not inference):
         return False
     env = os.environ.get("SEMSEGLOOP_CPU_BF16")
     if env is not None:
@@ -94,15 +95,16 @@ def cpu_bf16(device, dims: int) -> bool:
         return False
 
 
-def autocast(device, dims: int):
+def autocast(device, dims: int, inference: bool = False):
     """The mixed-precision context for a forward pass: float16 on CUDA, bfloat16 on a CPU with
-    native bf16 (cpu_bf16), else full precision."""
+    native bf16 (cpu_bf16; ``inference``: a prediction, not a training step), else full
+    precision."""
     import torch
 
     kind = getattr(device, "type", str(device))
     if kind == "cuda":
         return torch.autocast(device_type="cuda")
-    if cpu_bf16(device, dims):
+    if cpu_bf16(device, dims, inference):
         return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

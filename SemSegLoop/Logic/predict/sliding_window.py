@@ -154,7 +154,7 @@ def _blended_rows(model, vol: np.ndarray, n_classes: int, plan, device, overlap,
     keep = tuple(slice(a, a + n) for (a, _), n in zip(pads[1:], spatial[1:]))
     chunk_rows = max(1, FINISH_CHUNK_BYTES // (4 * n_classes * max(int(np.prod(plane)), 1)))
     top = rows[0]                                   # the image row held at band[:, 0]
-    with torch.inference_mode(), autocast(device, plan.dims), \
+    with torch.inference_mode(), autocast(device, plan.dims, inference=True), \
             cancel_inside(model, cancel, backward=False):
         for r, z in enumerate(rows):
             if z > top:                             # the band moves down to start at z
