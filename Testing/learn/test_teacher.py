@@ -125,30 +125,3 @@ def test_a_teacher_stored_with_other_features_asks_for_a_new_round():
     meta.pop("feature_version")
     with pytest.raises(CheckpointError, match="other features"):
         T.Teacher.from_state(arrays, meta)
-
-
-def test_2d_structure_tensor_eigenvalues_see_orientation_and_match_scikit_image():
-    """Stripes are oriented (one large eigenvalue, one near zero); isotropic noise is not. The
-    values are scikit-image's structure_tensor_eigenvalues (Sobel gradients, Gaussian
-    smoothing) away from the border, up to its longer kernel (4 sigma against 3)."""
-    from skimage.feature import structure_tensor, structure_tensor_eigenvalues
-
-    from semsegloop.learn import features as F
-
-    yy, xx = np.mgrid[0:64, 0:64]
-    stripes = np.sin(xx / 2.0).astype(np.float32)
-    noise = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
-    sigma = 2.0
-    for img, oriented in ((stripes, True), (noise, False)):
-        f = F.add_features(img[..., None], 2, [sigma])
-        assert f.shape[-1] == 1 + F.features_per_sigma(2) == 7
-        l1, l2 = f[16:48, 16:48, 5], f[16:48, 16:48, 6]
-        assert (l1 >= l2 - 1e-5).all() and (l2 > -1e-4).all()
-        anisotropy = float(np.median((l1 - l2) / (l1 + l2 + 1e-9)))
-        assert (anisotropy > 0.9) if oriented else (anisotropy < 0.6), anisotropy
-        ref = structure_tensor_eigenvalues(structure_tensor(img, sigma=sigma, mode="nearest",
-                                                            order="rc"))
-        scale = float(ref[0][16:48, 16:48].mean())
-        for got, want in ((l1, ref[0][16:48, 16:48]), (l2, ref[1][16:48, 16:48])):
-            err = float(np.abs(got - want).mean()) / scale
-            assert err < 0.05, err

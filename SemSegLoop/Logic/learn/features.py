@@ -1,5 +1,5 @@
-"""Scale-space filter bank: Gaussian smoothing, gradient magnitude, Hessian eigenvalues and (2D)
-structure-tensor eigenvalues at several scales, the features the pseudo-label teacher classifies.
+"""Scale-space filter bank: Gaussian smoothing, gradient magnitude and Hessian eigenvalues (2D)
+or Laplacian (3D) at several scales, the features the pseudo-label teacher classifies.
 
 They are what an ilastik-style random forest separates classes with, computed with separable
 1D filters in numpy (scipy); sigmas follow the voxel spacing so the filters are isotropic in
@@ -40,18 +40,8 @@ def _kernels(sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 HESSIAN_3D = True
 
 
-# 2D features per sigma also hold the two structure-tensor eigenvalues (ilastik's default set
-# has them): oriented texture such as membranes and nuclear rims. Mean Dice of the benchmark's
-# forest on unseen images with / without them: Drosophila 0.466 / 0.457, ISBI 0.780 / 0.776,
-# H&E nuclei 0.732 / 0.701. In 3D they lost on two of three volumes (brain1 0.514 / 0.538, CT
-# organs 0.612 / 0.628, hippocampus 0.715 / 0.656), so 3D does without.
-STRUCTURE_TENSOR_2D = True
-
-
 def features_per_sigma(dims: int) -> int:
-    if dims == 2:
-        return 6 if STRUCTURE_TENSOR_2D else 4
-    return 5 if HESSIAN_3D else 3
+    return 4 if dims == 2 else (5 if HESSIAN_3D else 3)
 
 
 def feature_channels(dims: int, in_channels: int, sigmas) -> int:
@@ -72,13 +62,11 @@ def add_features(x: np.ndarray, dims: int, sigmas, spacing=None) -> np.ndarray:
     """(*spatial, C) float32 -> (*spatial, C * (1 + F * len(sigmas))) float32, image first.
 
     ``spatial`` is (Y, X) for dims=2 and (Z, Y, X) for dims=3. 2D features per sigma and
-    channel: smoothed intensity, gradient magnitude, the two Hessian eigenvalues and the two
-    eigenvalues of the structure tensor (Sobel gradients' outer products smoothed at sigma, as
-    scikit-image's structure_tensor; F = 6). 3D: smoothed intensity, gradient magnitude and
-    the three Hessian eigenvalues (F = 5). Edges are extended ('nearest'), as the prediction's
-    sliding window sees them.
+    channel: smoothed intensity, gradient magnitude, the two Hessian eigenvalues (F = 4).
+    3D: smoothed intensity, gradient magnitude, Laplacian (F = 3). Edges are extended
+    ('nearest'), as the prediction's sliding window sees them.
     """
-    from scipy.ndimage import correlate1d, sobel
+    from scipy.ndimage import correlate1d
 
     if not sigmas:
         return x
@@ -89,10 +77,6 @@ def add_features(x: np.ndarray, dims: int, sigmas, spacing=None) -> np.ndarray:
     col = C
     for c in range(C):
         img = np.ascontiguousarray(x[..., c], dtype=np.float32)
-        if dims == 2 and STRUCTURE_TENSOR_2D:
-            gy, gx = (sobel(img, axis=ax, mode="nearest") for ax in (0, 1))
-            products = (gy * gy, gx * gy, gx * gx)
-            del gy, gx
         for sigma in sigmas:
             ks = [_kernels(round(s, 4)) for s in axis_sigmas(sigma, sp)]
 
@@ -106,11 +90,6 @@ def add_features(x: np.ndarray, dims: int, sigmas, spacing=None) -> np.ndarray:
                 half_tr = 0.5 * (Lxx + Lyy)
                 disc = np.sqrt(0.25 * (Lxx - Lyy) ** 2 + Lxy ** 2)
                 feats = (L, np.sqrt(Lx ** 2 + Ly ** 2), half_tr + disc, half_tr - disc)
-                if STRUCTURE_TENSOR_2D:
-                    Syy, Sxy, Sxx = (f(f(a, 0, 0), 1, 0) for a in products)
-                    half_tr = 0.5 * (Sxx + Syy)
-                    disc = np.sqrt(0.25 * (Sxx - Syy) ** 2 + Sxy ** 2)
-                    feats += (half_tr + disc, half_tr - disc)
             else:
                 z0, z1, z2 = (f(img, 0, o) for o in (0, 1, 2))
                 z0y0 = f(z0, 1, 0)

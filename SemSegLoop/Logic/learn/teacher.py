@@ -31,9 +31,8 @@ log = logging.getLogger("semsegloop")
 # mean Dice (bench, same strokes).
 TEACHER_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
 # Stored teachers hold features, so a change to the input or the scales needs a new round:
-# 2 = per-image rescaled fixed-scale input (teacher_input) and scales in voxels; 3 = 2D
-# structure-tensor eigenvalues (features.STRUCTURE_TENSOR_2D).
-FEATURE_VERSION = 3
+# 2 = per-image rescaled fixed-scale input (teacher_input) and scales in voxels.
+FEATURE_VERSION = 2
 # Scales in mm (True) or in voxels (False, see Teacher.__init__).
 PHYSICAL_SIGMAS = False
 MAX_SAMPLES_PER_CLASS = 20_000
@@ -95,11 +94,9 @@ def halo(dims: int, spacing, sigmas=None) -> list[int]:
     sigmas = sigmas or TEACHER_SIGMAS
     sp = list(spacing[-dims:]) if spacing is not None else [1.0] * dims
     r = [0] * dims
-    # The structure tensor smooths Sobel gradients: one pixel more than the kernel.
-    extra = 1 if dims == 2 else 0
     for sigma in sigmas:
         for ax, s in enumerate(axis_sigmas(sigma, sp)):
-            r[ax] = max(r[ax], max(1, int(math.ceil(3 * max(round(s, 4), 0.3)))) + extra)
+            r[ax] = max(r[ax], max(1, int(math.ceil(3 * max(round(s, 4), 0.3)))))
     return r
 
 
