@@ -41,6 +41,23 @@ def test_a_round_holds_out_strokes_and_reports_its_own_accuracy():
     assert out.extra["teacher"] is not None
 
 
+def test_an_image_held_out_whole_is_unseen_by_the_student():
+    """A collection holds out whole images; such an image must get no pseudo-labels (the
+    student would learn it from the teacher and then be scored on it)."""
+    from semsegloop.learn.fusion import holdout_masks
+
+    images = _images(4)
+    held = holdout_masks([im.labels for im in images], 2, 2, seed=1)
+    whole = [n for n, (im, h) in enumerate(zip(images, held))
+             if h.any() and not (im.labels * ~h).any()]
+    assert whole, "the test needs an image held out whole"
+    events = []
+    out = run_round(images, _settings(1, steps=5), log=events.append)
+    teacher = [e for e in events if e.get("event") == "teacher"][0]
+    assert teacher["pseudo_images"] == len(images) - len(whole)
+    assert out.extra["fusion"]["held_out_pixels"] == int(sum(h.sum() for h in held))
+
+
 def test_a_regressing_warm_started_round_keeps_the_previous_model():
     """The round's decision step with real models: the previous round's trained network
     against a new one that lost what it knew (freshly initialised), scored with a real teacher

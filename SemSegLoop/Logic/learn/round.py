@@ -157,7 +157,12 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
                 p_img = teacher_h.predict_proba(im.raw, stop)
                 if im.labels.any():
                     painted_s += time.perf_counter() - tp
-                pseudo[n] = pseudo_from_proba(p_img, train_labels[n])
+                # An image whose strokes are all held out stands for the unseen images the
+                # result is judged on, so it gets no pseudo-labels either: trained on them, the
+                # student was scored on an image it had learnt (H&E nuclei: held-out network
+                # 0.93 against the teacher's 0.83, on unseen tiles 0.70 against 0.72).
+                if not (held[n].any() and not train_labels[n].any()):
+                    pseudo[n] = pseudo_from_proba(p_img, train_labels[n])
                 # The classes' shares of the images, as the teacher sees them (fusion.prior_weights).
                 share = np.bincount(np.argmax(p_img, axis=0).ravel(), minlength=K)[:K]
                 prior = share if prior is None else prior + share
