@@ -35,6 +35,11 @@ def trained_3d(tmp_path_factory, tiny_models):
     return path, image_id
 
 
+def _starts(windows, ax: int) -> int:
+    """How many window positions ``windows`` have along axis ``ax``."""
+    return len({w[ax].start for w in windows})
+
+
 def _monai_probabilities(model, vol, roi):
     """MONAI's own gaussian sliding window on a (*spatial, C) array: the reference."""
     import torch
@@ -69,7 +74,8 @@ def test_windows_blended_row_by_row_equal_monai_sliding_window(tiny_models, monk
     img = ndi.gaussian_filter(rng.normal(size=shape + (1,)), 1.5).astype(np.float32) * 5
     spatial = shape if plan.dims == 3 else shape[1:]
     roi = inference.inference_roi(plan, spatial, classes)
-    assert all(len(inference._window_starts(n, r, 0.25)) >= 3 for n, r in zip(spatial[:-1], roi[:-1]))
+    padded = [max(n, r) for n, r in zip(spatial, roi)]
+    assert all(_starts(inference.window_grid(padded, roi), ax) >= 3 for ax in range(len(roi) - 1))
     assert roi[-1] > spatial[-1], (roi, spatial)
 
     pred = inference.predict_image(model, img, plan, torch.device("cpu"), classes)
@@ -95,8 +101,8 @@ def test_tall_2d_image_predicted_in_many_windows_keeps_the_labels(trained_2d, tm
     monkeypatch.setattr(inference, "MAX_WINDOW_VOXELS", {2: 128 * 64, 3: 64 * 32 * 32})
     windowed = proj.predict_full(tall_id, save=False, component="network")
     r, plan, _ = proj.load_model(device="cpu")
-    assert len(inference._window_starts(1088, inference.inference_roi(plan, (1088, 64), 2)[0],
-                                        0.25)) >= 8
+    roi = inference.inference_roi(plan, (1088, 64), 2)
+    assert _starts(inference.window_grid((1088, max(64, roi[1])), roi), 0) >= 8
     assert windowed.labels.shape == whole.labels.shape == (1, 1088, 64)
     agreement = float((windowed.labels == whole.labels).mean())
     print(f"2D windowed agreement {agreement:.5f}")
@@ -236,8 +242,9 @@ def test_a_cancel_inside_one_window_stops_the_prediction(tmp_path, tiny_models):
     plan = plan_network(load_preset("tiny3d"), 1, 2, image_shape=(16, 32, 32))
     model = build_network(plan)
     vol = np.zeros((16, 32, 32, 1), np.float32)
-    assert len(inference._window_starts(16, inference.inference_roi(plan, (16, 32, 32))[0],
-                                        0.25)) == 1, "the test needs a single window"
+    roi = inference.inference_roi(plan, (16, 32, 32))
+    assert len(inference.window_grid([max(n, r) for n, r in zip((16, 32, 32), roi)], roi)) == 1, \
+        "the test needs a single window"
     asked = []
 
     def cancel():

@@ -67,7 +67,7 @@ def inference_roi(plan, spatial_shape, n_classes: int | None = None) -> list[int
 def predict_image(model, image: np.ndarray, plan, device, n_classes: int,
                   cancel: Callable[[], bool] | None = None,
                   progress: Callable[[float], None] | None = None,
-                  overlap: float = 0.25, keep_probabilities: bool = True) -> Prediction:
+                  overlap: float = OVERLAP, keep_probabilities: bool = True) -> Prediction:
     """Predict a normalised (S, Y, X, C) float32 image.
 
     2D plans run each slice separately; 3D plans run the whole volume. Probabilities are
@@ -128,7 +128,7 @@ def _blended_rows(model, vol: np.ndarray, n_classes: int, plan, device, overlap,
     high); rows no window will touch again are finished (softmax) and handed out. Windows,
     padding and weights are MONAI's (dense_patch_slices, compute_importance_map)."""
     import torch
-    from monai.data.utils import compute_importance_map, dense_patch_slices
+    from monai.data.utils import compute_importance_map
 
     from semsegloop.learn.training import autocast, cancel_inside
 
@@ -139,8 +139,7 @@ def _blended_rows(model, vol: np.ndarray, n_classes: int, plan, device, overlap,
     if any(a or b for a, b in pads):
         vol = np.pad(vol, pads + [(0, 0)])
     full = vol.shape[:-1]
-    interval = [r if r == n else max(int(r * (1 - overlap)), 1) for r, n in zip(roi, full)]
-    windows = sorted(dense_patch_slices(full, roi, interval), key=lambda s: [x.start for x in s])
+    windows = window_grid(full, roi, overlap)
     rows = sorted({w[0].start for w in windows})
     weight = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=device)
     plane = tuple(full[1:])
@@ -187,13 +186,13 @@ def _blended_rows(model, vol: np.ndarray, n_classes: int, plan, device, overlap,
                 progress((r + 1) / len(rows))
 
 
-def _window_starts(n: int, roi: int, overlap: float) -> list[int]:
-    """Window starts along one axis, as MONAI's sliding window places them."""
-    if roi >= n:
-        return [0]
-    step = max(int(roi * (1 - overlap)), 1)
-    count = int(math.ceil((n - roi) / step)) + 1
-    return sorted({min(i * step, n - roi) for i in range(count)})
+def window_grid(shape, roi, overlap: float = OVERLAP) -> list[tuple[slice, ...]]:
+    """The windows MONAI's sliding window runs over an image of ``shape`` (at least ``roi``
+    along every axis, as after its padding), in raster order of their starts."""
+    from monai.data.utils import dense_patch_slices
+
+    interval = [r if r == n else max(int(r * (1 - overlap)), 1) for r, n in zip(roi, shape)]
+    return sorted(dense_patch_slices(shape, roi, interval), key=lambda w: [x.start for x in w])
 
 
 def _ceil_to(x: int, m: int) -> int:
