@@ -231,6 +231,12 @@ def simplex_grid(n: int, step: float = 0.1) -> list[tuple[float, ...]]:
     return [tuple(round(a / m, 4) for a in w) for w in rec(n, m)]
 
 
+def sampling_noise(dice: float, n: int) -> float:
+    """Half a binomial standard error of a Dice near ``dice`` measured on ``n`` pixels: scores
+    closer than this are a tie."""
+    return 0.5 * float(np.sqrt(max(dice * (1 - dice), 0.0) / max(n, 1)))
+
+
 def choose_weights(components: list[np.ndarray], y: np.ndarray, n_classes: int,
                    step: float = 0.1, weights: np.ndarray | None = None
                    ) -> tuple[tuple[float, ...], dict]:
@@ -249,7 +255,7 @@ def choose_weights(components: list[np.ndarray], y: np.ndarray, n_classes: int,
         table[w] = score(p, y, n_classes, weights)
     dice = {w: float(np.nan_to_num(v[0], nan=-1.0)) for w, v in table.items()}
     top = max(dice.values())
-    tol = 0.5 * np.sqrt(max(top * (1 - top), 0.0) / max(len(y), 1)) + 1e-9
+    tol = sampling_noise(top, len(y)) + 1e-9
     plateau = [w for w in table if dice[w] >= top - tol]
     centre = np.mean(np.array(plateau), axis=0)
     best = min(plateau, key=lambda w: (float(np.sum((np.array(w) - centre) ** 2)),

@@ -298,7 +298,8 @@ def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_a
     (network, teacher, grow from seeds) shares for the painted images, where the strokes can
     seed a region growing."""
     from semsegloop.learn import seeded
-    from semsegloop.learn.fusion import choose_weights, per_class, prior_weights, score_tiles
+    from semsegloop.learn.fusion import (choose_weights, per_class, prior_weights, sampling_noise,
+                                         score_tiles)
 
     K = s.n_classes
     models = [model] + ([previous] if previous is not None else [])
@@ -345,7 +346,7 @@ def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_a
         # corrections) is kept: a 1-step previous network once won a tie on Drosophila by
         # 0.001 against a 107-step new one.
         d_new, d_old = best(new)[0], best(old)[0]
-        tol = 0.5 * np.sqrt(max(d_new * (1 - d_new), 0.0) / max(len(y_h), 1))
+        tol = sampling_noise(d_new, len(y_h))
         if d_old > d_new + tol or (abs(d_old - d_new) <= tol and best(old)[1] > best(new)[1] + tol):
             keep, new, p_net = True, old, probs[1]
             record["kept_previous"] = True
