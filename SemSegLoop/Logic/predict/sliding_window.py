@@ -32,6 +32,9 @@ MAX_WINDOW_VOXELS = {2: 2_097_152, 3: 2_097_152}
 MAX_WINDOW_LOGIT_BYTES = 256 * 2**20
 SW_BATCH = 2
 OVERLAP = 0.25
+# On a CPU, predict with inference_network's copy of the model (group norms, channels-last):
+# the same function, twice as fast. False runs the model as trained (tests compare the two).
+CPU_INFERENCE_NETWORK = True
 
 
 def inference_roi(plan, spatial_shape, n_classes: int | None = None) -> list[int]:
@@ -84,14 +87,17 @@ def predict_image(model, image: np.ndarray, plan, device, n_classes: int,
     probs = np.empty((n_classes, S, Y, X), dtype=np.float16) if keep_probabilities else None
     labels = np.empty((S, Y, X), np.uint8)
     entropy = np.empty((S, Y, X), np.float16)
+    from semsegloop.predict.inference_network import inference_network
+
     model.eval()
+    net = inference_network(model, device) if CPU_INFERENCE_NETWORK else model
     units = range(S) if plan.dims == 2 else [None]
     for n, s in enumerate(units):
         if cancel is not None and cancel():
             raise InterruptedError("prediction cancelled")
         vol = image[s] if s is not None else image            # (Y,X,C) or (Z,Y,X,C)
         part = None if progress is None else (lambda f, n=n: progress((n + f) / len(units)))
-        for a, b, p in _blended_rows(model, vol, n_classes, plan, device, overlap, cancel, part):
+        for a, b, p in _blended_rows(net, vol, n_classes, plan, device, overlap, cancel, part):
             sl = (s, slice(a, b)) if s is not None else (slice(a, b),)
             if probs is not None:
                 probs[(slice(None),) + sl] = p
@@ -169,7 +175,8 @@ def _blended_rows(model, vol: np.ndarray, n_classes: int, plan, device, overlap,
                 if cancel is not None and cancel():
                     raise InterruptedError("prediction cancelled")
                 batch = row[b:b + SW_BATCH]
-                logits = model(torch.stack([x[(slice(None),) + w] for w in batch])).float()
+                logits = model(torch.stack([x[(slice(None),) + w] for w in batch]))
+                logits = logits.to(torch.float32, memory_format=torch.contiguous_format)
                 for w, lg in zip(batch, logits):
                     at = (slice(0, roi[0]),) + tuple(w[1:])
                     band[(slice(None),) + at] += lg.mul_(weight)
