@@ -95,3 +95,29 @@ def test_predictions_agree_with_the_model_as_trained(trained_2d, monkeypatch, bf
         assert agree >= 0.995, agree
     # The trained net finds the square either way.
     assert (preds[True].labels[0, 16:48, 16:48] == 1).mean() > 0.8
+
+
+def test_the_copy_is_kept_until_the_weights_change(tiny_models):
+    """One copy per model while its weights stay as they are; a training step (an in-place
+    change of a weight) or loading other weights gives a new copy that follows them."""
+    plan = plan_network(load_preset("tiny2d"), 1, 2, image_shape=(32, 32))
+    torch.manual_seed(2)
+    model = build_network(plan).eval()
+    cpu = torch.device("cpu")
+    x = torch.randn(1, 1, 32, 32)
+    first = inference_network(model, cpu)
+    assert inference_network(model, cpu) is first
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        conv.weight.mul_(-2.0)
+    second = inference_network(model, cpu)
+    assert second is not first
+    with torch.inference_mode():
+        torch.testing.assert_close(second(x), model(x), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(first(x), model(x), atol=1e-3)
+    other = build_network(plan)
+    model.load_state_dict(other.state_dict())
+    third = inference_network(model, cpu)
+    assert third is not second
+    with torch.inference_mode():
+        torch.testing.assert_close(third(x), model(x), atol=1e-4, rtol=1e-4)

@@ -90,6 +90,36 @@ def test_windows_blended_row_by_row_equal_monai_sliding_window(tiny_models, monk
     np.testing.assert_allclose(ours.sum(0), 1.0, atol=5e-3)
 
 
+@pytest.mark.parametrize("preset,shape", [("tiny2d", (2, 61, 45)), ("tiny3d", (11, 38, 21))])
+def test_one_window_takes_the_logits_as_monai_blends_them(tiny_models, monkeypatch, preset, shape):
+    """An image that fits one window (padded up to it) skips the blend: MONAI's gaussian
+    sum(w * l) / sum(w) of one window is the logits, so the probabilities are still MONAI's."""
+    import scipy.ndimage as ndi
+    import torch
+
+    from semsegloop.learn.networks import build_network, load_preset, plan_network
+
+    monkeypatch.setenv("SEMSEGLOOP_CPU_BF16", "0")
+    torch.manual_seed(0)
+    plan = plan_network(load_preset(preset), 1, 3, image_shape=shape)
+    model = build_network(plan).eval()
+    img = ndi.gaussian_filter(np.random.default_rng(2).normal(size=shape + (1,)), 1.5)
+    img = img.astype(np.float32) * 5
+    spatial = shape if plan.dims == 3 else shape[1:]
+    roi = inference.inference_roi(plan, spatial, 3)
+    assert len(inference.window_grid([max(n, r) for n, r in zip(spatial, roi)], roi)) == 1
+    assert any(r > n for r, n in zip(roi, spatial)), (roi, spatial)     # padded, as MONAI pads
+    pred = inference.predict_image(model, img, plan, torch.device("cpu"), 3)
+    if plan.dims == 3:
+        ref = _monai_probabilities(model, img, roi)
+    else:
+        ref = np.stack([_monai_probabilities(model, img[s], roi) for s in range(shape[0])], 1)
+    diff = float(np.abs(pred.probabilities.astype(np.float32) - ref).max())
+    print(f"{preset}: max |p - p_monai| {diff:.5f}")
+    assert diff < 1e-3, diff
+    assert (pred.labels == ref.argmax(0) + 1).mean() > 0.999
+
+
 def test_tall_2d_image_predicted_in_many_windows_keeps_the_labels(trained_2d, tmp_path, monkeypatch):
     path, _ = trained_2d
     proj = copy_project(path, tmp_path / "copy")

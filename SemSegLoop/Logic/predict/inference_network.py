@@ -4,6 +4,7 @@ one group per channel (the same statistics) and whose weights are channels-last.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,26 @@ def inference_network(model, device):
     preset's forward pass on 1024^2 2.1x faster, its predict_image about 1.5x, the 3D preset's
     1.5x; bench/bench_predict_speed.py); elsewhere ``model`` itself.
     The copy holds its own weights (a few MB for the presets); ``model`` is left untouched, so
-    training goes on with it as before."""
+    training goes on with it as before. Do not train the copy."""
     if getattr(device, "type", str(device)) != "cpu":
         return model
+    # The copy is kept while its model lives and its weights are as they were: a Predict of a
+    # collection copies once, not per image (a copy takes ~0.08 s, as long as a small image).
+    # Every in-place change (optimiser step, load_state_dict) bumps a tensor's version.
+    state = tuple((t.data_ptr(), t._version, t.device.type)
+                  for t in list(model.parameters()) + list(model.buffers()))
+    kept = _KEPT.get(model)
+    if kept is not None and kept[0] == state:
+        return kept[1]
+    net = _converted(model)
+    _KEPT[model] = (state, net)
+    return net
+
+
+_KEPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _converted(model):
     net = copy.deepcopy(model).eval()
     dims = None
     for parent in list(net.modules()):

@@ -147,14 +147,19 @@ def _blended_rows(model, vol: np.ndarray, n_classes: int, plan, device, overlap,
     full = vol.shape[:-1]
     windows = window_grid(full, roi, overlap)
     rows = sorted({w[0].start for w in windows})
-    weight = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=device)
     plane = tuple(full[1:])
-    band_shape = (n_classes, roi[0]) + plane
-    # Float32 where the band fits the budget, else float16 (its 11-bit mantissa is finer than
-    # the bfloat16 logits a CPU 3D net gives); the weights stay float32.
-    wide = 4 * int(np.prod(band_shape)) <= MAX_BAND_BYTES
-    band = torch.zeros(band_shape, dtype=torch.float32 if wide else torch.float16, device=device)
-    weights = torch.zeros((roi[0],) + plane, dtype=torch.float32, device=device)
+    # One window (the whole image: the usual 2D case): MONAI's blend sum(w * l) / sum(w) is the
+    # logits themselves, so they are used as they come, with no band, weights or division.
+    single = len(windows) == 1
+    if not single:
+        weight = compute_importance_map(roi, mode="gaussian", sigma_scale=0.125, device=device)
+        band_shape = (n_classes, roi[0]) + plane
+        # Float32 where the band fits the budget, else float16 (its 11-bit mantissa is finer
+        # than the bfloat16 logits a CPU 3D net gives); the weights stay float32.
+        wide = 4 * int(np.prod(band_shape)) <= MAX_BAND_BYTES
+        band = torch.zeros(band_shape, dtype=torch.float32 if wide else torch.float16,
+                           device=device)
+        weights = torch.zeros((roi[0],) + plane, dtype=torch.float32, device=device)
     x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol, -1, 0))).to(device)
     keep = tuple(slice(a, a + n) for (a, _), n in zip(pads[1:], spatial[1:]))
     chunk_rows = max(1, FINISH_CHUNK_BYTES // (4 * n_classes * max(int(np.prod(plane)), 1)))
@@ -177,6 +182,9 @@ def _blended_rows(model, vol: np.ndarray, n_classes: int, plan, device, overlap,
                 batch = row[b:b + SW_BATCH]
                 logits = model(torch.stack([x[(slice(None),) + w] for w in batch]))
                 logits = logits.to(torch.float32, memory_format=torch.contiguous_format)
+                if single:
+                    band = logits[0]                # (K, *roi): already the blend
+                    continue
                 for w, lg in zip(batch, logits):
                     at = (slice(0, roi[0]),) + tuple(w[1:])
                     band[(slice(None),) + at] += lg.mul_(weight)
@@ -186,7 +194,8 @@ def _blended_rows(model, vol: np.ndarray, n_classes: int, plan, device, overlap,
                 b = min(end, a + chunk_rows)
                 lo, hi = max(a, pads[0][0]), min(b, pads[0][0] + spatial[0])
                 if lo < hi:
-                    part = band[:, lo - z:hi - z].float() / weights[lo - z:hi - z]
+                    part = (band[:, lo - z:hi - z] if single else
+                            band[:, lo - z:hi - z].float() / weights[lo - z:hi - z])
                     prob = torch.softmax(part, dim=0)[(slice(None), slice(None)) + keep]
                     yield lo - pads[0][0], hi - pads[0][0], prob.to(torch.float16).cpu().numpy()
             if progress is not None:
