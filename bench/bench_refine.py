@@ -175,7 +175,9 @@ def summarise_refine(case, rows, args) -> dict:
 
 # ------------------------------------------------------------------------------ speed
 def speed(args) -> list[dict]:
-    """refine_labels on a 512^2 image and a 200^3 volume with one click in a missed region."""
+    """refine_labels on a 512^2 image (grey and RGB) and a 200^3 volume with one click in a
+    missed region; in 2D older strokes of both classes are passed too, so the global step
+    (predict.recalibrate) runs, its filter bank computed in the call (no cache)."""
     from scipy import ndimage as ndi
 
     from semsegloop.predict.geodesic import geodistk_available
@@ -183,13 +185,16 @@ def speed(args) -> list[dict]:
 
     rng = np.random.default_rng(0)
     out = []
-    for shape, dims in (((1, 512, 512), 2), ((200, 200, 200), 3)):
+    for shape, dims, channels in (((1, 512, 512), 2, 1), ((1, 512, 512), 2, 3),
+                                  ((200, 200, 200), 3, 1)):
         grids = np.ogrid[tuple(slice(0, n) for n in shape)]
         centre = [n // 2 for n in shape]
         r2 = sum((g - c) ** 2 for g, c in zip(grids[3 - dims:], centre[3 - dims:]))
         ref = np.where(r2 <= (shape[-1] // 5) ** 2, 2, 1).astype(np.uint8)
         img = ndi.gaussian_filter((ref == 2).astype(np.float32) + rng.normal(0, 0.3, shape)
                                   .astype(np.float32), 1)[..., None]
+        if channels > 1:
+            img = np.concatenate([img * (1.0 - 0.2 * c) for c in range(channels)], axis=-1)
         p = np.where(ref == 2, 0.9, 0.1).astype(np.float32)
         # The network misses a wedge of the object; the click goes in it.
         wedge = (ref == 2) & (grids[-1] > centre[-1] + shape[-1] // 20)
@@ -200,6 +205,9 @@ def speed(args) -> list[dict]:
         z = centre[0]
         cy, cx = centre[1], centre[2] + shape[-1] // 8
         click[z, cy - RADIUS:cy + RADIUS + 1, cx - RADIUS:cx + RADIUS + 1] = 2
+        if dims == 2:  # earlier strokes: background near the border, the object's found part
+            click[z, 20:24, 40:shape[-1] - 40] = 1
+            click[z, cy - 2:cy + 3, centre[2] - 60:centre[2] - 20] = 2
         methods = ["numpy"] + (["geodistk"] if geodistk_available() else [])
         for m in methods:
             times = []
@@ -209,7 +217,8 @@ def speed(args) -> list[dict]:
                                     RefineSettings(method=m))
                 times.append(time.perf_counter() - t0)
             fixed = float((res[wedge] == 2).mean())
-            out.append({"shape": "x".join(map(str, shape)), "method": m, "median_s": float(np.median(times)),
+            out.append({"shape": "x".join(map(str, shape)) + (f"x{channels}" if channels > 1 else ""),
+                        "method": m, "median_s": float(np.median(times)),
                         "max_s": float(np.max(times)), "target_s": 1.0 if dims == 2 else 3.0,
                         "wedge_fixed": fixed})
             log(f"speed {out[-1]}")

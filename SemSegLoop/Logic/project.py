@@ -58,7 +58,8 @@ class Project:
         self._read_only = read_only
         self._folder_lock: folder_lock.FolderLock | None = None
         self._train_lock = threading.Lock()   # one round at a time
-        self._recent: dict[str, tuple] = {}   # image_id -> (round, Prediction), for refine
+        # image_id -> (round, Prediction, refine's per-image cache), for refine
+        self._recent: dict[str, tuple] = {}
 
     # ---------------------------------------------------------------- create / open / save
     @classmethod
@@ -851,7 +852,7 @@ class Project:
     def _remember_prediction(self, image_id: str, round_index: int, pred) -> None:
         # Refine needs the probabilities; the last two predicted images keep theirs in memory.
         self._recent.pop(image_id, None)
-        self._recent[image_id] = (round_index, pred)
+        self._recent[image_id] = (round_index, pred, {})
         while len(self._recent) > 2:
             self._recent.pop(next(iter(self._recent)))
         (self._refined_path(image_id, round_index)).unlink(missing_ok=True)
@@ -896,7 +897,7 @@ class Project:
             cached = self._recent.get(image_id)
             if cached is None or cached[0] != r:
                 pred = self.predict_full(image_id, device=device, save=False)
-                self._recent[image_id] = (r, pred)
+                self._recent[image_id] = (r, pred, {})
                 cached = self._recent[image_id]
             probs = cached[1].probabilities
             labels = self._labels3(image_id)
@@ -905,7 +906,7 @@ class Project:
             current = saved if current is None else current
             x = normalize(self.image(image_id).array, self._meta["normalization"])
             refined = refine_labels(x, probs, current, labels, self.geometry(image_id).spacing,
-                                    self.dims, settings)
+                                    self.dims, settings, cache=cached[2])
             self.set_labels(image_id, labels)
             imageio.write_labels(self._refined_path(image_id, r), refined, self.geometry(image_id))
             return refined

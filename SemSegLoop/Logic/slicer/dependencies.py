@@ -49,7 +49,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("pynrrd", ">=1.0", "nrrd"),
     Requirement("tifffile", ">=2023.1", "tifffile"),
     Requirement("tqdm", ">=4.60", "tqdm"),
-    Requirement("scikit-learn", ">=1.3", "sklearn"),
+    Requirement("scikit-learn", ">=1.6", "sklearn"),
 )
 
 # Bundled with Slicer 5.10+ (numpy 2.0, scipy 1.13, Pillow 11, SimpleITK). Reinstalling any of
