@@ -22,6 +22,12 @@ MAX_FEATURE_BYTES = 512 * 2 ** 20
 ANCHOR_PIXELS = 3000
 
 
+def applies(strokes: np.ndarray, corrections: np.ndarray) -> bool:
+    """Whether the strokes can fit a classifier that changes anything: two classes painted
+    and at least one correction."""
+    return bool(corrections.any()) and len(np.unique(strokes[strokes > 0])) >= 2
+
+
 def fits_in_memory(shape, channels: int, sigmas) -> bool:
     """Whether a (Y, X) slice's filter bank stays within MAX_FEATURE_BYTES (float32)."""
     from semsegloop.learn.features import feature_channels
@@ -33,7 +39,7 @@ def slice_features(image: np.ndarray, spacing, sigmas) -> np.ndarray:
     """(Y, X, C) normalised image -> (Y * X, F) float32: the teacher's 2D filter bank."""
     from semsegloop.learn.features import add_features
 
-    f = add_features(np.asarray(image, np.float32), 2, tuple(sigmas), spacing[-2:])
+    f = add_features(np.asarray(image, np.float32), 2, tuple(sigmas), spacing)
     return f.reshape(-1, f.shape[-1])
 
 
@@ -46,14 +52,24 @@ def recalibrated_unary(features: np.ndarray, probabilities: np.ndarray, strokes:
     ``strokes`` (Y, X) every stroke, 0 = none; ``corrections`` (Y, X) bool, the strokes the
     prediction gets wrong. Outside the agreement of the refits the prediction's own
     log-probabilities are returned unchanged."""
+    from threadpoolctl import threadpool_limits
+
+    if not applies(strokes, corrections):
+        return None
+    # One BLAS thread: the fits are small, and with a second core busy (training, the GUI)
+    # multithreaded BLAS waited on it, 0.02 s fits taking up to 0.7 s.
+    with threadpool_limits(1, user_api="blas"):
+        return _unary(features, probabilities, strokes, corrections, settings)
+
+
+def _unary(features, probabilities, strokes, corrections, settings):
     from scipy import ndimage as ndi
+    from scipy.special import logsumexp
 
     K = probabilities.shape[0]
     flat = strokes.ravel()
     painted = np.flatnonzero(flat)
     y = flat[painted].astype(np.int64)
-    if len(np.unique(y)) < 2 or not corrections.any():
-        return None
     logp = np.log(np.clip(np.asarray(probabilities, np.float32), settings.min_probability, 1.0))
     lp = logp.reshape(K, -1).T
     N = len(lp)
@@ -105,10 +121,10 @@ def recalibrated_unary(features: np.ndarray, probabilities: np.ndarray, strokes:
         if other is None:  # the classes of the fit need this unit: no agreement possible
             return None
         agree &= other[0][np.argmax(other[1], axis=1)] == choice
-    full = np.full((N, K), np.log(settings.min_probability), np.float32)
-    full[:, classes - 1] = logits - _logsumexp(logits)
     unary = logp.reshape(K, -1).copy()
-    unary[:, agree] = full[agree].T
+    unary[:, agree] = np.log(settings.min_probability)  # classes the fit has never seen
+    sure = logits[agree]
+    unary[classes[:, None] - 1, agree] = (sure - logsumexp(sure, axis=1, keepdims=True)).T
     return unary.reshape(logp.shape)
 
 
@@ -126,7 +142,3 @@ def _fit(Xtr, ytr, wtr, C: float) -> tuple[np.ndarray, np.ndarray]:
         icpt = np.concatenate([np.zeros_like(icpt), icpt])
     return coef, icpt
 
-
-def _logsumexp(a: np.ndarray) -> np.ndarray:
-    m = a.max(axis=1, keepdims=True)
-    return m + np.log(np.exp(a - m).sum(axis=1, keepdims=True))

@@ -102,13 +102,14 @@ def _recalibrated(image, probabilities, current, strokes, new, spacing, st: Refi
     pixels the recalibrated classifier moves to the class of a ``new`` stroke (those that
     disagree with ``current``) take it, the rest keep ``current``; unchanged inputs when the
     step does not apply."""
-    from semsegloop.predict.recalibrate import fits_in_memory, recalibrated_unary, slice_features
+    from semsegloop.predict.recalibrate import (applies, fits_in_memory, recalibrated_unary,
+                                                slice_features)
 
     p = np.asarray(probabilities[:, 0], np.float32)
     predicted = (np.argmax(p, axis=0) + 1).astype(np.uint8)
     corrections = (strokes > 0) & (strokes != predicted)
-    if (not corrections.any() or len(np.unique(strokes[strokes > 0])) < 2
-            or not fits_in_memory(strokes.shape, image.shape[-1], st.sigmas)):
+    if not applies(strokes, corrections) or not fits_in_memory(strokes.shape, image.shape[-1],
+                                                                st.sigmas):
         return probabilities, current
     key = ("features", index, tuple(st.sigmas))
     feats = cache.get(key) if cache is not None else None
@@ -116,12 +117,7 @@ def _recalibrated(image, probabilities, current, strokes, new, spacing, st: Refi
         feats = slice_features(image, spacing, st.sigmas)
         if cache is not None:
             cache[key] = feats
-    from threadpoolctl import threadpool_limits
-
-    # One BLAS thread: the fits are small, and with a second core busy (training, the GUI)
-    # multithreaded BLAS waited on it, 0.02 s fits taking up to 0.7 s.
-    with threadpool_limits(1, user_api="blas"):
-        unary = recalibrated_unary(feats, p, strokes, corrections, st)
+    unary = recalibrated_unary(feats, p, strokes, corrections, st)
     if unary is None:
         return probabilities, current
     changed = (np.argmax(unary, axis=0) + 1).astype(np.uint8)
