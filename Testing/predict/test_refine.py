@@ -18,7 +18,7 @@ METHODS = ["numpy", pytest.param("geodistk", marks=pytest.mark.skipif(
     not geodistk_available(), reason="GeodisTK is not installed (optional; CI builds it)"))]
 
 
-def disks_case(missed=(180, 80, 28)):
+def disks_case(missed=(180, 80, 12)):
     """Four bright disks on noise; the 'network' finds three and misses the one at ``missed``."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:256, :256]
@@ -61,8 +61,8 @@ def test_a_click_on_one_slice_fixes_a_missed_ball_in_3d_with_anisotropic_spacing
     click[10, 22:27, 22:27] = 2
     out = refine_labels(img.astype(np.float32), probs, current, click, (2.0, 1.0, 1.0), 3,
                         RefineSettings(method=method))
-    assert (out[ball] == 2).mean() > 0.85
-    assert (out[5] == 2).sum() > 0 and (out[15] == 2).sum() > 0    # it reached other slices
+    assert (out[ball] == 2).mean() > 0.75
+    assert (out[6] == 2).sum() > 0 and (out[14] == 2).sum() > 0    # it reached slices 8 mm away
     far = ~ndi.binary_dilation(ball, iterations=2)
     assert not ((out != current) & far).any()
 
@@ -165,8 +165,34 @@ def test_a_click_does_not_cross_a_high_intensity_wall(method):
     click[0, 46:51, 38:43] = 2
     out = refine_labels(img[..., None], probs, current, click, (1.0, 1.0, 1.0), 2,
                         RefineSettings(method=method))
-    assert (out[0, :, :46] == 2).mean() > 0.8          # the clicked side is fixed
+    assert (out[0, 38:59, 26:46] == 2).mean() > 0.8    # the clicked side is fixed around it
     assert (out[0, :, 50:] == 1).all()                 # nothing beyond the wall changed
     crossing = refine_labels(img[..., None], probs, current, click, (1.0, 1.0, 1.0), 2,
                              RefineSettings(method=method, lam=0.95))
     assert (crossing[0, :, 50:] == 2).any()            # the capped cost let it through
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_click_where_the_network_is_unsure_changes_a_round_patch_not_its_whole_region(method):
+    """In a smooth region the geodesic cost is near zero however far, so a click's pull alone
+    relabelled everything up to the border of the region refined, a box (ISBI: 4,480 of 5,900
+    pixels wrong). The straight-line distance bounds it: the change is a disc about the click."""
+    rng = np.random.default_rng(3)
+    img = ndi.gaussian_filter(rng.normal(0, 0.05, (1, 200, 200)), (0, 1, 1)).astype(np.float32)
+    p2 = np.full((1, 200, 200), 0.45, np.float32)           # the network is unsure everywhere
+    probs = np.stack([1 - p2, p2]).astype(np.float16)
+    current = np.ones((1, 200, 200), np.uint8)
+    click = np.zeros_like(current)
+    click[0, 98:103, 98:103] = 2
+    st = RefineSettings(method=method, recalibrate=False)
+    out = refine_labels(img[..., None], probs, current, click, (1.0, 1.0, 1.0), 2, st)
+    yy, xx = np.nonzero(out[0] != current[0])
+    r = np.hypot(yy - 100, xx - 100)
+    # Where the network is unsure any pull flips a pixel: reach * ln(strength / min-pull level).
+    bound = st.reach * np.log(1 / st.min_pull) + 3
+    assert r.max() < min(bound, st.margin)              # round, inside the region refined
+    assert (out[0][np.hypot(*np.mgrid[-100:100, -100:100]) < 0.5 * bound] == 2).all()
+    flood = refine_labels(img[..., None], probs, current, click, (1.0, 1.0, 1.0), 2,
+                          RefineSettings(method=method, recalibrate=False, spatial=0.0))
+    box = flood[0] != current[0]
+    assert box[100 - st.margin, 100] and box[100 - st.margin, 100 - st.margin]  # the old box
