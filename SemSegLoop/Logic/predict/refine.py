@@ -1,5 +1,5 @@
 """Refine a prediction from correction strokes without retraining (DeepIGeoS's recipe, untrained):
-geodesic plus straight-line distances to each class's strokes, the network's probabilities, a CRF.
+geodesic (+ straight-line in 2D) distances to each class's strokes, network probabilities, a CRF.
 
 Locally, only the region around the strokes that disagree with the current segmentation is
 recomputed, and every painted pixel keeps its painted class. In 2D a global step comes first
@@ -34,9 +34,13 @@ class RefineSettings:
     # uniform region at most reach * ln(strength / the network's log-odds against the stroke's
     # class) away, and never beyond reach * ln(1 / min_pull). Reach 16 over 12 or 20: the
     # benchmark's five-click curves were all monotone with each, and highest on 2D with 16.
+    # Volumes keep the geodesic distance alone (spatial_3d): a click on one slice has to
+    # reach along an organ through many slices, and bounding it cost 5 clicks 0.818 -> 0.791
+    # mean Dice on the hippocampus and 0.661 -> 0.636 on the CT organs.
     reach: float = 16.0
     strength: float = 8.0
     spatial: float = 1.0
+    spatial_3d: float = 0.0
     # Probabilities are clipped so one stroke can overturn even a confident network.
     min_probability: float = 1e-3
     # Mean-field iterations of an image-gated Potts CRF on face neighbours.
@@ -45,8 +49,8 @@ class RefineSettings:
     # Voxels whose strongest stroke pull is below this keep their current label: the
     # refinement only changes what a stroke is about.
     min_pull: float = 0.05
-    # Half-size of the region around the active strokes, in voxels of the finest axis: where
-    # the pull of a stroke falls below min_pull even without an edge (reach * ln 20 / spatial).
+    # Half-size of the region around the active strokes, in voxels of the finest axis: in 2D
+    # where the pull of a stroke falls below min_pull even without an edge (reach * ln 20).
     margin: int = 48
     method: str = "auto"
     # The global step (2D): off, the refinement is local only. Its classifier's inverse L2
@@ -97,9 +101,9 @@ def refine_labels(image: np.ndarray, probabilities: np.ndarray, current: np.ndar
                 if not act.any():
                     continue
             out[sl] = _refine_block(image[sl], prob, out[sl], strokes[sl], act,
-                                    (1.0,) + spacing[-2:], st)
+                                    (1.0,) + spacing[-2:], st, st.spatial)
     else:
-        out = _refine_block(image, probabilities, out, strokes, active, spacing, st)
+        out = _refine_block(image, probabilities, out, strokes, active, spacing, st, st.spatial_3d)
     out[strokes > 0] = strokes[strokes > 0]
     return out
 
@@ -147,7 +151,8 @@ def _roi(active: np.ndarray, spacing, margin: int) -> tuple[slice, ...]:
     return tuple(sl)
 
 
-def _refine_block(image, probabilities, current, strokes, active, spacing, st: RefineSettings):
+def _refine_block(image, probabilities, current, strokes, active, spacing, st: RefineSettings,
+                  spatial: float):
     """Refine one 3D block ((1, Y, X) for a 2D slice) inside the region around ``active``."""
     K = probabilities.shape[0]
     roi = _roi(active, spacing, st.margin)
@@ -167,8 +172,8 @@ def _refine_block(image, probabilities, current, strokes, active, spacing, st: R
     pull = np.zeros((K,) + img.shape[:3], dtype=np.float32)
     for n, k in enumerate(classes):
         d = dist[n]
-        if st.spatial > 0:
-            d = d + st.spatial * ndi.distance_transform_edt(~seed_stack[n], sampling=spacing)
+        if spatial > 0:
+            d = d + spatial * ndi.distance_transform_edt(~seed_stack[n], sampling=spacing)
         pull[k - 1] = st.strength * np.exp(-d / (st.reach * finest))
     del dist
     prob = np.clip(np.asarray(probabilities[(slice(None),) + roi], dtype=np.float32),
