@@ -213,6 +213,16 @@ def run_engine(case: datasets.Case, strokes, args, workdir: Path, method: str = 
             t0 = time.perf_counter()
             for i in order:
                 ti = time.perf_counter()
+                if i not in case.predict:
+                    # A painted image that is not scored: what the person waits for at the
+                    # round's end is its one fused prediction (timed in the round), nothing else.
+                    fused = proj.predict_full(ids[i], device=args.device, save=False,
+                                              keep_strokes=False).labels
+                    painted_pred[i] = fused
+                    painted_s += time.perf_counter() - ti
+                    scores["painted"].add(fused, np.where(labels[i] == 0,
+                                                          case.samples[i].reference, 0))
+                    continue
                 pn = proj.predict_full(ids[i], device=args.device, save=False, keep_strokes=False,
                                        component="network").probabilities.astype(np.float32)
                 pt = (proj.predict_full(ids[i], device=args.device, save=False, keep_strokes=False,

@@ -54,6 +54,7 @@ class Project:
         self._image_cache: dict[str, ImageData] = {}
         self._model = None          # (round, plan, torch module) of the loaded model
         self._teacher = None        # (round, Teacher, fusion record) of the loaded round
+        self._grown = None          # (round, spacing, {image id: grown labels}) from train()
         self._lock = threading.RLock()
         self._read_only = read_only
         self._folder_lock: folder_lock.FolderLock | None = None
@@ -525,9 +526,10 @@ class Project:
             # The folder lock is not held while the round trains, so images can be added and
             # labels stored meanwhile (the round uses the data read above).
             with _released(self._lock):
+                from semsegloop.predict.sliding_window import seconds_per_voxel
                 out = run_round(images, settings, warm_start=self._warm_start,
                                 make_validator=validator, progress=progress, cancel=cancel,
-                                log=logf, started=t_start)
+                                log=logf, started=t_start, predict_cost=seconds_per_voxel)
             strokes = {im.image_id: im.labels for im in images if im.labels.any()}
             del images
             n_steps, last_loss, cancelled, val = out.steps, out.final_loss, out.cancelled, out.val_dice
@@ -549,6 +551,8 @@ class Project:
                                  strokes, fusion)
                     teacher_ckpt = f"checkpoints/{name}_teacher"
                     self._teacher = (round_index, out.extra["teacher"], fusion, strokes)
+                    self._grown = (round_index, tuple(settings.spacing),
+                                   out.extra.get("grown") or {})
                 self._meta["rounds"].append({
                     "round": round_index, "finished": _now(), "preset": preset_name,
                     "steps": n_steps, "seconds": round(seconds, 3), "final_loss": last_loss,
@@ -628,12 +632,16 @@ class Project:
         fusion record and, for an image painted in that round, its strokes."""
         entry = next((r for r in self._meta["rounds"] if r["round"] == round_index), {})
         if not entry.get("teacher"):
-            return {"teacher": None, "fusion": {"weight": 1.0}, "seeds": None}
+            return {"teacher": None, "fusion": {"weight": 1.0}, "seeds": None, "grown": None}
         if self._teacher is None or self._teacher[0] != round_index:
             self._teacher = (round_index,) + tuple(self.load_teacher(round_index))
         _, teacher, fusion, strokes = self._teacher
+        grown = None
+        if (self._grown is not None and self._grown[0] == round_index
+                and self._grown[1] == tuple(self.geometry(image_id).spacing)):
+            grown = self._grown[2].get(image_id)  # grown from these seeds by the round
         return {"teacher": teacher, "fusion": entry.get("fusion") or fusion,
-                "seeds": strokes.get(image_id)}
+                "seeds": strokes.get(image_id), "grown": grown}
 
     def _ckpt_location(self, rel: str) -> tuple[Path, str]:
         p = self.path / rel
@@ -787,7 +795,7 @@ class Project:
                                      progress=progress, component=component,
                                      keep_probabilities=keep_probabilities, seeds=parts["seeds"],
                                      spacing=self.geometry(image_id).spacing,
-                                     teacher_image=raw)
+                                     teacher_image=raw, grown=parts["grown"])
             except InterruptedError:
                 raise TrainingError(f"prediction of '{image_id}' was cancelled") from None
             del x, raw

@@ -39,6 +39,9 @@ def test_a_round_holds_out_strokes_and_reports_its_own_accuracy():
     # The fused estimate is never below either model alone (same held-out pixels).
     assert np.mean(list(est["fused"].values())) >= np.mean(list(est["teacher"].values())) - 1e-9
     assert out.extra["teacher"] is not None
+    # Refitted on one core beside the student, it predicts with every core after the round.
+    from semsegloop.learn.training import cpu_threads
+    assert out.extra["teacher"].forest.n_jobs == cpu_threads()
 
 
 def test_an_image_held_out_whole_is_unseen_by_the_student():

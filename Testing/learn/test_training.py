@@ -337,3 +337,53 @@ def test_cpu_bfloat16_runs_3d_rounds_and_2d_predictions_only_when_enabled(tmp_pa
     losses = _step_losses(proj, 1)
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert proj.predict(iid).shape == ref.shape
+
+
+class _SlowStart:
+    """A real patch sampler whose first two batches take ``delay`` s more, as the first steps
+    of a round do on a loaded machine (optimiser state, oneDNN primitives)."""
+
+    def __init__(self, sampler, delay: float):
+        self.sampler, self.delay, self.calls = sampler, delay, 0
+
+    def sample(self, n):
+        self.calls += 1
+        if self.calls <= 2:
+            time.sleep(self.delay)
+        return self.sampler.sample(n)
+
+
+def _tiny_training(reserve, budget, delay):
+    from semsegloop.learn import training as tr
+    from semsegloop.learn.losses import SparseLabelLoss
+    from semsegloop.learn.networks import build_network
+    from semsegloop.learn.sampling import PatchSampler, TrainingImage
+
+    img, _ = square_image(64)
+    ti = TrainingImage(img[None, :, :, None], square_strokes(64)[None], "sq")
+    plan = plan_network({"name": "t", "dims": 2, "network": "DynUNet", "filters": [8, 16, 32],
+                         "patch_size": [32, 32], "batch_size": 2, "learning_rate": 0.01,
+                         "norm": "instance"}, 1, 2, image_shape=(64, 64))
+    sampler = _SlowStart(PatchSampler([ti], 2, plan.patch_size, 2, seed=0), delay)
+    log = []
+    out = tr.run_training(build_network(plan), sampler, SparseLabelLoss(), device=tr.select_device("cpu"),
+                          round_index=1, batch_size=2, learning_rate=0.01, time_budget_s=budget,
+                          reserve=reserve, log=log.append, dims=2)
+    return out, next((r for r in log if r["event"] == "train_stop"), {})
+
+
+def test_slow_first_steps_do_not_make_the_reserve_stop_training():
+    # A reserve of 12 steps' time: estimated from a 2 s warm-up step it is 24 s, past the
+    # 10 s budget, and the round gave up after two steps; from the steady steps (~0.1 s
+    # here, more on a loaded machine) it is a few seconds.
+    (steps, seconds, *_), stop = _tiny_training(lambda step_s: 12 * step_s, budget=10.0, delay=2.0)
+    assert steps > 2 and stop.get("step_s", 99) < 2.0, (stop, seconds)
+    assert stop["why"] in ("reserve", "budget"), stop
+    assert seconds <= 10.0 + 1.0
+
+
+def test_a_steady_reserve_is_kept_free_of_training():
+    # What follows training (predicting the painted images) gets its reserve.
+    (steps, seconds, *_), stop = _tiny_training(lambda step_s: 3.0, budget=8.0, delay=0.0)
+    assert stop["why"] == "reserve" and steps > 2, stop
+    assert seconds <= 8.0 - 3.0 + 1.0, stop

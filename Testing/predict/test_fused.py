@@ -96,3 +96,38 @@ def test_an_image_painted_with_one_class_keeps_a_sharp_uncertainty_map(tmp_path,
     got = proj.predict_full(b, save=False)
     np.testing.assert_allclose(got.probabilities.astype(np.float32),
                                (wa * pn + wb * pt) / (wa + wb), atol=3e-3)
+
+
+def test_the_painted_images_grown_in_the_round_are_the_ones_prediction_would_grow(tmp_path, tiny_models):
+    # The round grows its painted images from all their strokes inside its budget and hands
+    # them to prediction; a reopened project (nothing kept) grows them itself: same result.
+    from semsegloop.learn import seeded
+
+    if not seeded.available():
+        pytest.skip("Slicer's GrowCut (slicer-core) is not installed")
+    proj = semsegloop.Project.create(tmp_path / "p", ["square", "background"], dims=2,
+                                     preset="tiny2d")
+    ids = [proj.add_image(square_image(64, seed=i)[0], name=f"im{i}") for i in range(3)]
+    for i in ids:
+        proj.set_labels(i, square_strokes(64))
+    proj.train(time_budget_s=6, device="cpu")
+    rnd = proj.rounds[-1]
+    if not rnd["fusion"].get("seeded_weights") or rnd["fusion"]["seeded_weights"][2] == 0:
+        pytest.skip("this round gave grow from seeds no weight")
+    assert proj._grown is not None and set(proj._grown[2]) == set(ids)
+    reopened = copy_project(tmp_path / "p", tmp_path / "copy")
+    for i in ids:
+        grown = seeded.grow_from_seeds(_teacher_view(reopened, i), proj.labels(i)[None], 2,
+                                       reopened.geometry(i).spacing)
+        np.testing.assert_array_equal(proj._grown[2][i], grown)
+        a = proj.predict_full(i, save=False, component="seeded")
+        b = reopened.predict_full(i, save=False, component="seeded")
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(proj.predict_full(i, save=False).labels,
+                                      reopened.predict_full(i, save=False).labels)
+
+
+def _teacher_view(proj, image_id):
+    from semsegloop.learn.teacher import teacher_input
+
+    return teacher_input(proj.image(image_id).array, proj._meta["normalization"])

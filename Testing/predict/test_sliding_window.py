@@ -288,3 +288,25 @@ def test_a_cancel_inside_one_window_stops_the_prediction(tmp_path, tiny_models):
     # The hooks are gone afterwards: the same model predicts without asking anything.
     pred = inference.predict_image(model, vol, plan, __import__("torch").device("cpu"), 2)
     assert pred.labels.shape == (16, 32, 32) and len(asked) == 6
+
+
+def test_prediction_speed_is_probed_then_taken_from_the_latest_prediction():
+    # A round reserves the painted images' prediction at this speed (learn/round.py).
+    import time
+
+    import torch
+
+    from semsegloop.learn.networks import build_network, load_preset, plan_network
+
+    plan = plan_network(load_preset("unet2d_fast"), 3, 4, image_shape=(256, 256))
+    device = torch.device("cpu")
+    image = np.random.default_rng(0).normal(size=(1, 256, 256, 3)).astype(np.float32)
+    inference._SPEED.pop(inference._speed_key(plan, device), None)
+    probed = inference.seconds_per_voxel(plan, device, image)
+    assert 0 < probed < 1e-4  # a fresh network timed on the image (< 10 s per Mpx)
+    model = build_network(plan)
+    t = time.perf_counter()
+    inference.predict_image(model, image, plan, device, 4)
+    took = time.perf_counter() - t
+    known = inference.seconds_per_voxel(plan, device, image)
+    assert 0 < known <= took / image[..., 0].size

@@ -19,6 +19,10 @@ from semsegloop.errors import TrainingError
 
 # Share of the round's budget kept for scoring the networks on held-out strokes.
 SCORING_SHARE = 0.05
+# The painted images' network prediction is reserved at its measured speed times this margin
+# (blending the teacher and the grown labels in, writing the result).
+PREDICT_MARGIN = 1.5
+MAX_RESERVE_SHARE = 0.5
 WARM_UP_MIN_BUDGET_S = 30.0
 # Hold out this round's new strokes first (so a warm-started network, which saw the old ones,
 # is scored on strokes it never saw). Corrections sit where the last result was wrong, so
@@ -89,11 +93,15 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
               make_validator: Callable[[Any, Any, Any], Callable[[], dict]] | None = None,
               progress: Callable | None = None, cancel: Any = None,
               log: Callable[[dict], None] | None = None,
-              started: float | None = None) -> RoundOutcome:
+              started: float | None = None,
+              predict_cost: Callable[[Any, Any, np.ndarray], float] | None = None
+              ) -> RoundOutcome:
     """Train one round. ``warm_start(model)`` loads earlier weights into the model and returns
     where they came from; ``make_validator(model, plan, device)`` returns a callable giving
     validation Dice. ``started`` (perf_counter) is when the round began, so time spent before
-    the call (reading images) counts in the budget too.
+    the call (reading images) counts in the budget too. ``predict_cost(plan, device, image)``
+    gives the seconds per voxel of predicting with the network (predict.sliding_window
+    .seconds_per_voxel): the budget keeps that much for predicting the painted images.
 
     With the teacher on, about a quarter of each class's stroke components (the newest first)
     is held out of the student's and the scoring teacher's training; both are scored there,
@@ -121,14 +129,27 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
     if not any(im.labels.any() for im in images):
         raise TrainingError("a training round needs at least one image with painted labels")
     plan = plan_for(s, [im.labels.shape for im in images if im.labels.any()])
+    painted_vox = sum(int(np.prod(im.labels.shape)) for im in images if im.labels.any())
+    net_s = None
+    if s.time_budget_s is not None and predict_cost is not None:
+        # What predicting the painted images with the network will take, from its measured
+        # speed (taken here, before the teacher's refit shares the cores), not from the
+        # training steps: under load (another process on the two cores) a 2D step took 4.4 s
+        # against 0.27 s, and its 1/3 forward share put the reserve at 35 s where
+        # predicting took 4.
+        net_s = PREDICT_MARGIN * painted_vox * predict_cost(
+            plan, tr.select_device(s.device), next(im.image for im in images if im.labels.any()))
     stop = tr.cancel_checker(cancel)
     logf = log or (lambda rec: None)
     pseudo: list = [None] * len(images)
     held = [np.zeros(im.labels.shape, bool) for im in images]
     teacher_full = teacher_h = refit = grown = prior = None
-    # Seconds the painted images' teacher and grow-from-seeds predictions took here: predicting
-    # them after the round costs as much again (a reserve kept out of the student's budget).
+    # Seconds the painted images' teacher predictions took here: predicting them after the
+    # round costs as much again (a reserve kept out of the student's budget).
     painted_s = 0.0
+    # Grow from seeds on the painted images from all their strokes, what predicting them
+    # blends in: grown here (its time is taken from the student's), handed to prediction.
+    grown_all: dict = {}
     fusion: dict = {"weight": 1.0}
     p_teacher = y_h = None
     if s.use_teacher:
@@ -176,10 +197,10 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
                 teacher_full = teacher_h
             if h.any() and seeded.ready():
                 # Grow from seeds does not depend on the network: grown here, its time is
-                # taken from the student's budget instead of running past the round's end.
-                tg = time.perf_counter()
+                # taken from the student's budget instead of running past the round's end
+                # (Drosophila, 5 s per 1024^2 image: a 60 s round took 78 s to its result).
                 grown = _grow_training_strokes(images, train_labels, held, s)
-                painted_s += time.perf_counter() - tg
+                grown_all = _grow_all_strokes(images, s)
         except CancelledError:
             pseudo = [None] * len(images)
             teacher_full = teacher_h = None
@@ -217,40 +238,61 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
         budget = max(1.0, s.time_budget_s - (time.perf_counter() - t_start) - scoring)
     # A warm-started model is refined, not retrained: a lower rate keeps what it knew.
     lr = float(s.preset["learning_rate"]) * (0.5 if warm else 1.0)
-    painted_vox = sum(int(np.prod(im.labels.shape)) for im in images if im.labels.any())
+    last_reserve = [0.0]
+
     patch_vox = int(np.prod(plan.patch_size)) * int(s.preset["batch_size"])
 
     def reserve(step_s: float) -> float:
-        # A forward pass costs about a third of a training step (forward + backward) per voxel.
-        return painted_s + step_s * painted_vox / (3 * patch_vox)
+        # Without a measured speed: a forward pass costs about a third of a training step
+        # (forward + backward) per voxel. However slow an estimate, the student keeps at
+        # least half of what the preparation left it (the overrun is then reported).
+        net = net_s if net_s is not None else step_s * painted_vox / (3 * patch_vox)
+        last_reserve[0] = min(painted_s + net, MAX_RESERVE_SHARE * budget)
+        return last_reserve[0]
+    t_train0 = time.perf_counter()
     n_steps, _, last_loss, cancelled, val = tr.run_training(
         model, sampler, loss_fn, device=device_t, round_index=s.round_index,
         batch_size=int(s.preset["batch_size"]), learning_rate=lr,
         steps=s.steps, time_budget_s=budget, progress=progress, cancel=cancel,
         validate=validate, log=logf, seed=s.seed, dims=s.dims,
         reserve=reserve if s.time_budget_s is not None else None)
+    t_trained = time.perf_counter()
     if refit is not None:
         try:
             teacher_full = refit.join()
+            # Fitted on one core beside the student; prediction has every core.
+            teacher_full.set_jobs(tr.cpu_threads())
         except CancelledError:
             teacher_full, cancelled = teacher_h, True
+    t_joined = time.perf_counter()
     kept_previous = False
     if p_teacher is not None and n_steps > 0 and not cancelled:
         deadline = None
         if s.time_budget_s is not None:
-            deadline = max(time.perf_counter(), t_start + s.time_budget_s)
+            # Scoring may use what training left of the budget, not the painted images'
+            # prediction reserve.
+            deadline = max(time.perf_counter(), t_start + s.time_budget_s - last_reserve[0])
         try:
             fusion, kept_previous = _fuse(images, train_labels, held, model, previous, plan,
                                           device_t, p_teacher, y_h, s, names, stop, deadline,
                                           grown, prior)
         except InterruptedError:
             cancelled = True
+    # Where the round's seconds went (from its start), for budget overruns.
+    logf({"event": "round_phases", "round": s.round_index, "steps": n_steps,
+          "train_start_s": round(t_train0 - t_start, 2), "train_budget_s": budget,
+          "train_end_s": round(t_trained - t_start, 2),
+          "refit_joined_s": round(t_joined - t_start, 2),
+          "fuse_end_s": round(time.perf_counter() - t_start, 2),
+          "reserve_s": round(last_reserve[0], 2), "teacher_painted_s": round(painted_s, 2),
+          "network_painted_s": None if net_s is None else round(net_s, 2)})
     model.eval()
     if kept_previous:
         model.load_state_dict(previous.state_dict())
         logf({"event": "kept_previous_model", "round": s.round_index, "warm_start": warm,
               "held_out": fusion.get("candidates")})
-    extra = {"fusion": fusion, "teacher": teacher_full, "kept_previous": kept_previous}
+    extra = {"fusion": fusion, "teacher": teacher_full, "kept_previous": kept_previous,
+             "grown": grown_all if teacher_full is not None else {}}
     return RoundOutcome(model=model, plan=plan, device=device_t, steps=n_steps,
                         seconds=time.perf_counter() - t_start, final_loss=last_loss,
                         cancelled=cancelled, val_dice=val, warm_start=warm, extra=extra)
@@ -289,6 +331,15 @@ def _grow_training_strokes(images, train_labels, where, s: RoundSettings) -> lis
             for im, lab, w in zip(images, train_labels, where)]
 
 
+def _grow_all_strokes(images, s: RoundSettings) -> dict:
+    """{image id: grow-from-seeds labels from all its strokes} for the painted images: what
+    predicting them after the round blends in (predict_fused's ``grown``)."""
+    from semsegloop.learn import seeded
+
+    return {im.image_id: seeded.grow_from_seeds(im.raw, im.labels, s.dims, s.spacing)
+            for im in images if im.labels.any()}
+
+
 def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_all, y_all,
           s: RoundSettings, names, stop, deadline, grown=None, prior=None):
     """Score the new (and the previous) network, the teacher and grow-from-seeds on held-out
@@ -303,12 +354,14 @@ def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_a
 
     K = s.n_classes
     models = [model] + ([previous] if previous is not None else [])
+    t0 = time.perf_counter()
     probs, scored = score_tiles(models, [im.image for im in images], held, plan, device, K,
                                 deadline, stop, labels=[im.labels for im in images])
     rows = np.concatenate([sc[h] for sc, h in zip(scored, held) if h.any()])
     p_teacher, y_h = p_teacher_all[rows], y_all[rows]
     p_net = probs[0]
-    record: dict = {"held_out_pixels": int(len(y_all)), "scored_pixels": int(len(y_h))}
+    record: dict = {"held_out_pixels": int(len(y_all)), "scored_pixels": int(len(y_h)),
+                    "scoring_s": round(time.perf_counter() - t0, 2)}
     wts = prior_weights(y_h, prior)
     if prior is not None:
         record["class_shares"] = [round(float(v) / max(float(np.sum(prior)), 1), 4) for v in prior]
@@ -363,4 +416,5 @@ def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_a
         record["estimate"]["fused_painted"] = per_class(
             a * p_net + b * p_teacher + c * comps["seeded"], y_h, K, names, wts)
         record["estimate"]["seeded"] = per_class(comps["seeded"], y_h, K, names, wts)
+    record["fusion_s"] = round(time.perf_counter() - t0, 2)
     return record, keep

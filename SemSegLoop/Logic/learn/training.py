@@ -15,6 +15,11 @@ import numpy as np
 from semsegloop.errors import TrainingError
 
 DEFAULT_TIME_BUDGET_S = 60.0
+# Steps that include one-off set-up (optimiser state, oneDNN primitives, the first step with
+# every loss term): their durations do not estimate what a step or a prediction costs.
+WARM_UP_STEPS = 2
+# A step's cost is the median of this many latest steady steps (one slow step moves it little).
+STEADY_WINDOW = 5
 
 
 @dataclass
@@ -177,8 +182,9 @@ def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_siz
 
     Stops at ``steps`` or ``time_budget_s``, whichever comes first (60 s when neither is
     given); ``reserve(seconds per step)`` is time the budget must keep for what follows the
-    training (predicting the painted images). The model's weights after the last completed optimiser step are always a valid
-    model, so a cancel between steps loses at most the step in flight.
+    training (predicting the painted images), asked only once steps past the warm-up give a
+    steady step time. The model's weights after the last completed optimiser step are always
+    a valid model, so a cancel between steps loses at most the step in flight.
     """
     import torch
 
@@ -197,7 +203,9 @@ def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_siz
     t0 = time.perf_counter()
     last_val_t = t0
     step, last_loss, rate, val, step_s = 0, None, None, None, None
+    durations: list[float] = []
     cancelled = False
+    why = "cancelled"
     with cancel_inside(model, is_cancelled):
         try:
             while True:
@@ -205,11 +213,20 @@ def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_siz
                 frac = max(step / steps if steps else 0.0,
                            elapsed / time_budget_s if time_budget_s else 0.0)
                 if frac >= 1.0:
+                    why = "steps" if steps and step >= steps else "budget"
                     break
-                # From the second step on: the first includes one-off set-up (seconds).
-                if time_budget_s and step_s is not None and step >= 2 and (
-                        elapsed + step_s + (reserve(step_s) if reserve else 0.0) > time_budget_s):
-                    break  # the next step would end past the budget (3D CPU steps take s)
+                if time_budget_s and step >= 2:
+                    # The next step would end past the budget (3D CPU steps take seconds), or
+                    # leave less than the reserve for what follows. The reserve is estimated
+                    # from steady steps only: the first WARM_UP_STEPS carry one-off set-up
+                    # (2D: 2.2 and 2.4 s, then 0.27 s), which made a round keep a 19 s reserve
+                    # and stop after two steps.
+                    steady = durations[WARM_UP_STEPS:][-STEADY_WINDOW:]
+                    step_s = float(np.median(steady)) if steady else min(durations[1:])
+                    res = reserve(step_s) if reserve is not None and steady else 0.0
+                    if elapsed + step_s + res > time_budget_s:
+                        why = "reserve" if res and elapsed + step_s <= time_budget_s else "budget"
+                        break
                 if is_cancelled():
                     cancelled = True
                     break
@@ -239,8 +256,7 @@ def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_siz
                                         f"check the image normalisation or lower the learning "
                                         f"rate")
                 dt = time.perf_counter() - ts
-                # The first step includes one-off set-up: later ones are what a step costs.
-                step_s = dt if step_s is None or step <= 2 else 0.7 * step_s + 0.3 * dt
+                durations.append(dt)
                 inst = batch_size / max(dt, 1e-6)
                 rate = inst if rate is None else 0.8 * rate + 0.2 * inst
                 now = time.perf_counter()
@@ -266,6 +282,10 @@ def run_training(model, sampler, loss_fn, *, device, round_index: int, batch_siz
             # so the weights, step count and loss are those of the last completed step.
             cancelled = True
     seconds = time.perf_counter() - t0
+    if log is not None:
+        log({"event": "train_stop", "round": round_index, "why": why, "steps": step,
+             "elapsed_s": round(seconds, 3), "step_s": None if step_s is None else round(step_s, 4),
+             "reserve_s": None if not (reserve and step_s) else round(reserve(step_s), 3)})
     if validate is not None and step > 0 and not cancelled:
         val = validate()
     return step, seconds, last_loss, cancelled, val

@@ -42,12 +42,15 @@ def predict_fused(model, teacher, fusion, image: np.ndarray, plan, device, n_cla
                   progress: Callable[[float], None] | None = None,
                   component: str = "fused", keep_probabilities: bool = True,
                   seeds: np.ndarray | None = None, spacing=None,
-                  teacher_image: np.ndarray | None = None) -> Prediction:
+                  teacher_image: np.ndarray | None = None,
+                  grown: np.ndarray | None = None) -> Prediction:
     """Predict a normalised (S, Y, X, C) image: the blend of network, teacher and (for an
     image painted in the round, ``seeds`` its strokes) grow-from-seeds that the round chose.
     ``fusion`` is the round's record (or a plain network weight); ``component`` "network",
     "teacher" or "seeded" gives one model alone (for comparisons). ``teacher_image`` is what
-    the teacher and the region growing see (teacher.teacher_input), default ``image``."""
+    the teacher and the region growing see (teacher.teacher_input), default ``image``.
+    ``grown``: grow_from_seeds of ``seeds`` already computed (the round grows its painted
+    images inside its budget), used as it is."""
     from semsegloop.learn import seeded
     from semsegloop.learn.teacher import CancelledError
 
@@ -74,7 +77,8 @@ def predict_fused(model, teacher, fusion, image: np.ndarray, plan, device, n_cla
     except CancelledError:
         raise InterruptedError("prediction cancelled") from None
     if c > 0.0:
-        grown = seeded.grow_from_seeds(raw, seeds, plan.dims, spacing)
+        if grown is None:
+            grown = seeded.grow_from_seeds(raw, seeds, plan.dims, spacing)
         for s in range(grown.shape[0]):  # one slice at a time: bounded temporaries
             g = np.moveaxis(seeded.as_probabilities(grown[s], n_classes), -1, 0)
             p = probs[:, s].astype(np.float32)

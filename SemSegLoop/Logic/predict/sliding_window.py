@@ -4,6 +4,7 @@ and normalised entropy, for a 2D stack (slice by slice) or a 3D volume (window r
 from __future__ import annotations
 
 import math
+import tracemalloc
 from dataclasses import dataclass
 from typing import Callable
 
@@ -70,7 +71,8 @@ def inference_roi(plan, spatial_shape, n_classes: int | None = None) -> list[int
 def predict_image(model, image: np.ndarray, plan, device, n_classes: int,
                   cancel: Callable[[], bool] | None = None,
                   progress: Callable[[float], None] | None = None,
-                  overlap: float = OVERLAP, keep_probabilities: bool = True) -> Prediction:
+                  overlap: float = OVERLAP, keep_probabilities: bool = True,
+                  _timed: bool = True) -> Prediction:
     """Predict a normalised (S, Y, X, C) float32 image.
 
     2D plans run each slice separately; 3D plans run the whole volume. Probabilities are
@@ -79,8 +81,11 @@ def predict_image(model, image: np.ndarray, plan, device, n_classes: int,
     ``keep_probabilities=False`` only labels and entropy are kept (3 bytes per voxel whatever
     K: a 40-class CT), and ``.probabilities`` is None.
     """
+    import time
+
     if image.ndim != 4:
         raise TrainingError(f"predict_image expects (S, Y, X, C), got shape {image.shape}")
+    t0 = time.perf_counter()
     S, Y, X, C = image.shape
     if C != plan.in_channels:
         raise TrainingError(f"image has {C} channels but the model expects {plan.in_channels}")
@@ -102,7 +107,55 @@ def predict_image(model, image: np.ndarray, plan, device, n_classes: int,
             if probs is not None:
                 probs[(slice(None),) + sl] = p
             labels[sl], entropy[sl] = labels_and_entropy(p)
+    if _timed and S * Y * X >= MIN_TIMED_VOXELS and not tracemalloc.is_tracing():
+        runs = _SPEED.setdefault(_speed_key(plan, device), [])
+        runs.append((time.perf_counter() - t0) / (S * Y * X))
+        del runs[:-SPEED_RUNS]
     return Prediction(labels=labels, probabilities=probs, entropy=entropy)
+
+
+# Seconds per voxel of the latest few predict_image runs per (plan, device type), for round
+# budgets (their median: one prediction slowed by something else moves it little).
+_SPEED: dict = {}
+SPEED_RUNS = 5
+# Images smaller than this are not timed (fixed costs would dominate the per-voxel figure).
+MIN_TIMED_VOXELS = 65_536
+PROBE_PIXELS_2D = 512 * 512
+
+
+def _speed_key(plan, device) -> str:
+    import json
+
+    return json.dumps(plan.to_json(), sort_keys=True, default=str) + getattr(device, "type", str(device))
+
+
+def seconds_per_voxel(plan, device, image: np.ndarray) -> float:
+    """Seconds per voxel predict_image takes with a network of ``plan`` on ``device``: as the
+    latest predictions in this process took (a network's speed does not depend on its weights),
+    else timed on a crop of the normalised (S, Y, X, C) ``image`` (2D: up to PROBE_PIXELS_2D;
+    3D: one training patch) with a fresh network, the faster of two runs after a first that
+    primes the kernels."""
+    import time
+
+    from semsegloop.learn.networks import build_network
+
+    known = _SPEED.get(_speed_key(plan, device))
+    if known:
+        return float(np.median(known))
+    if plan.dims == 2:
+        side = int(math.sqrt(PROBE_PIXELS_2D))
+        crop = image[:1, :side, :side]
+    else:
+        crop = image[tuple(slice(0, max(int(p), 1)) for p in plan.patch_size)]
+    crop = np.ascontiguousarray(crop)
+    model = build_network(plan).to(device)
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        predict_image(model, crop, plan, device, plan.out_channels, keep_probabilities=False,
+                      _timed=False)
+        times.append(time.perf_counter() - t)
+    return min(times[1:]) / max(int(np.prod(crop.shape[:3])), 1)
 
 
 def labels_and_entropy(probs: np.ndarray, chunk: int = 4_000_000) -> tuple[np.ndarray, np.ndarray]:
