@@ -858,12 +858,16 @@ class Project:
 
     # ---------------------------------------------------------------- refine, clean up, suggest
     def _remember_prediction(self, image_id: str, round_index: int, pred) -> None:
+        self._keep_recent(image_id, round_index, pred)
+        (self._refined_path(image_id, round_index)).unlink(missing_ok=True)
+
+    def _keep_recent(self, image_id: str, round_index: int, pred) -> tuple:
         # Refine needs the probabilities; the last two predicted images keep theirs in memory.
         self._recent.pop(image_id, None)
         self._recent[image_id] = (round_index, pred, {})
         while len(self._recent) > 2:
             self._recent.pop(next(iter(self._recent)))
-        (self._refined_path(image_id, round_index)).unlink(missing_ok=True)
+        return self._recent[image_id]
 
     def _refined_path(self, image_id: str, round_index: int) -> Path:
         return self.path / "predictions" / f"round_{round_index:03d}" / f"{image_id}_refined.nrrd"
@@ -904,9 +908,9 @@ class Project:
                 raise LabelError(f"{what} are empty: paint at least one stroke to refine with")
             cached = self._recent.get(image_id)
             if cached is None or cached[0] != r:
-                pred = self.predict_full(image_id, device=device, save=False)
-                self._recent[image_id] = (r, pred, {})
-                cached = self._recent[image_id]
+                # Not saved: the shown prediction (and any refinement of it) stays as it is.
+                cached = self._keep_recent(
+                    image_id, r, self.predict_full(image_id, device=device, save=False))
             probs = cached[1].probabilities
             labels = self._labels3(image_id)
             labels[arr > 0] = arr[arr > 0]
