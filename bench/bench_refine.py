@@ -180,6 +180,7 @@ def speed(args) -> list[dict]:
     (predict.recalibrate) runs, its filter bank computed in the call (no cache)."""
     from scipy import ndimage as ndi
 
+    from semsegloop.learn import seeded
     from semsegloop.predict.geodesic import geodistk_available
     from semsegloop.predict.refine import RefineSettings, refine_labels
 
@@ -222,6 +223,43 @@ def speed(args) -> list[dict]:
                         "max_s": float(np.max(times)), "target_s": 1.0 if dims == 2 else 3.0,
                         "wedge_fixed": fixed})
             log(f"speed {out[-1]}")
+        if dims == 3 and seeded.available():
+            out.append(_speed_regrown(img, probs, click, wedge, args))
+            log(f"speed {out[-1]}")
+    return out
+
+
+def _speed_regrown(img, probs, click, wedge, args) -> dict:
+    """What Project.refine adds on a volume painted in the round whose fusion gave Grow from
+    seeds a share (0.2 here): that share regrown with the click (predict/regrow.py), then
+    refine_labels on the result. The round's own growing (from a background stroke and the
+    object's found part) is kept from the round, so it is not timed."""
+    from semsegloop.learn import seeded
+    from semsegloop.predict.refine import active_strokes, refine_labels
+    from semsegloop.predict.regrow import with_regrown_seeds
+
+    shape = click.shape
+    z, c = shape[0] // 2, shape[1] // 2
+    old = np.zeros(shape, np.uint8)
+    old[z, 20:24, 40:shape[-1] - 40] = 1
+    old[z, c - 2:c + 3, c - 60:c - 20] = 2
+    grey = img[..., 0]
+    grown = seeded.grow(grey, old, (1.0, 1.0, 1.0))
+    w = 0.2
+    fused = (probs.astype(np.float32) * (1 - w)
+             + w * np.stack([grown == 1, grown == 2]).astype(np.float32)).astype(np.float16)
+    strokes = np.where(click > 0, click, old).astype(np.uint8)
+    cur = (np.argmax(fused, axis=0) + 1).astype(np.uint8)
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        p = with_regrown_seeds(fused, grown, grey, strokes, active_strokes(strokes, cur),
+                               (1.0, 1.0, 1.0), w)
+        res = refine_labels(img, p, cur, strokes, (1.0, 1.0, 1.0), 3)
+        times.append(time.perf_counter() - t0)
+    return {"shape": "x".join(map(str, shape)), "method": "+regrow", "median_s": float(np.median(times)),
+            "max_s": float(np.max(times)), "target_s": 3.0,
+            "wedge_fixed": float((res[wedge] == 2).mean())}
     return out
 
 
@@ -274,7 +312,9 @@ def print_report(report: dict) -> None:
     print(f"SemSegLoop Refine/Suggest benchmark, {s['date']}; {s['cpu_count']} CPU cores shared "
           f"with other sessions; training {s['train_steps']} steps per round; {s['clicks']} clicks "
           f"(disk r={RADIUS}); GeodisTK installed: {s['geodistk']}")
-    print("\nRefine speed (refine_labels, one click in a missed region; target 1 s 2D / 3 s 3D)")
+    print("\nRefine speed (refine_labels, one click in a missed region; target 1 s 2D / 3 s 3D;"
+          "\n'+regrow': with the round's Grow-from-seeds share regrown first, as Project.refine "
+          "does on a painted volume)")
     print(f"{'shape':<14}{'geodesic':<10}{'median s':>9}{'max s':>8}{'target':>8}{'fixed':>7}")
     for r in report["speed"]:
         print(f"{r['shape']:<14}{r['method']:<10}{r['median_s']:>9.3f}{r['max_s']:>8.3f}"

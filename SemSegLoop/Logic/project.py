@@ -54,7 +54,7 @@ class Project:
         self._image_cache: dict[str, ImageData] = {}
         self._model = None          # (round, plan, torch module) of the loaded model
         self._teacher = None        # (round, Teacher, fusion record) of the loaded round
-        self._grown = None          # (round, spacing, {image id: grown labels}) from train()
+        self._grown = {}            # (round, image id): (spacing, grown labels), see _grown_for
         self._lock = threading.RLock()
         self._read_only = read_only
         self._folder_lock: folder_lock.FolderLock | None = None
@@ -551,8 +551,8 @@ class Project:
                                  strokes, fusion)
                     teacher_ckpt = f"checkpoints/{name}_teacher"
                     self._teacher = (round_index, out.extra["teacher"], fusion, strokes)
-                    self._grown = (round_index, tuple(settings.spacing),
-                                   out.extra.get("grown") or {})
+                    self._grown = {(round_index, i): (tuple(settings.spacing), g)
+                                   for i, g in (out.extra.get("grown") or {}).items()}
                 self._meta["rounds"].append({
                     "round": round_index, "finished": _now(), "preset": preset_name,
                     "steps": n_steps, "seconds": round(seconds, 3), "final_loss": last_loss,
@@ -636,12 +636,35 @@ class Project:
         if self._teacher is None or self._teacher[0] != round_index:
             self._teacher = (round_index,) + tuple(self.load_teacher(round_index))
         _, teacher, fusion, strokes = self._teacher
-        grown = None
-        if (self._grown is not None and self._grown[0] == round_index
-                and self._grown[1] == tuple(self.geometry(image_id).spacing)):
-            grown = self._grown[2].get(image_id)  # grown from these seeds by the round
+        kept = self._grown.get((round_index, image_id))
+        grown = None  # grown from these seeds by the round (or by an earlier prediction)
+        if kept is not None and kept[0] == tuple(self.geometry(image_id).spacing):
+            grown = kept[1]
         return {"teacher": teacher, "fusion": entry.get("fusion") or fusion,
                 "seeds": strokes.get(image_id), "grown": grown}
+
+    def _grown_for(self, round_index: int, image_id: str, parts: dict, raw: np.ndarray,
+                   component: str = "fused") -> np.ndarray | None:
+        """The round's grow-from-seeds labels of an image painted in it, when its prediction
+        uses them: kept from the round, else grown now and kept (Refine reads them, and a
+        volume's growing takes seconds)."""
+        from semsegloop.learn import seeded
+        from semsegloop.predict.fused import blend_weights
+
+        seeds = parts["seeds"]
+        if parts["grown"] is not None or seeds is None or not seeds.any():
+            return parts["grown"]
+        try:
+            share = blend_weights(parts["fusion"], True, True, component)[2]
+        except ValueError:
+            return None
+        if share <= 0 or not seeded.available():
+            return None
+        spacing = tuple(self.geometry(image_id).spacing)
+        grown = seeded.grow_from_seeds(raw, seeds, self.dims, spacing)
+        self._grown = {k: v for k, v in self._grown.items() if k[0] == round_index}
+        self._grown[(round_index, image_id)] = (spacing, grown)
+        return grown
 
     def _ckpt_location(self, rel: str) -> tuple[Path, str]:
         p = self.path / rel
@@ -789,6 +812,7 @@ class Project:
             if parts["teacher"] is not None and component != "network":
                 from semsegloop.learn.teacher import teacher_input
                 raw = teacher_input(image.array, self._meta["normalization"])
+                parts["grown"] = self._grown_for(r, image_id, parts, raw, component)
             try:
                 pred = predict_fused(model, parts["teacher"], parts["fusion"], x, plan, device_t,
                                      plan.out_channels, cancel=tr.cancel_checker(cancel),
@@ -917,11 +941,35 @@ class Project:
             current = self.refined_prediction(image_id)
             current = saved if current is None else current
             x = normalize(self.image(image_id).array, self._meta["normalization"])
+            if self.dims == 3:
+                probs = self._regrown(image_id, r, probs, labels, current)
             refined = refine_labels(x, probs, current, labels, self.geometry(image_id).spacing,
                                     self.dims, settings, cache=cached[2])
             self.set_labels(image_id, labels)
             imageio.write_labels(self._refined_path(image_id, r), refined, self.geometry(image_id))
             return refined
+
+    def _regrown(self, image_id: str, r: int, probs: np.ndarray, strokes: np.ndarray,
+                 current: np.ndarray) -> np.ndarray:
+        """Refine's probabilities of a volume painted in round ``r``: the round's
+        grow-from-seeds share regrown with every stroke around the corrections
+        (predict/regrow.py); ``probs`` unchanged elsewhere."""
+        from semsegloop.learn.teacher import teacher_input
+        from semsegloop.predict.fused import blend_weights
+        from semsegloop.predict.refine import active_strokes
+        from semsegloop.predict.regrow import with_regrown_seeds
+
+        parts = self._fusion_for(r, image_id)
+        if parts["teacher"] is None or parts["seeds"] is None or not parts["seeds"].any():
+            return probs
+        share = blend_weights(parts["fusion"], True, True, "fused")[2]
+        if share <= 0:
+            return probs
+        raw = teacher_input(self.image(image_id).array, self._meta["normalization"])
+        grown = self._grown_for(r, image_id, parts, raw)
+        return with_regrown_seeds(probs, grown, raw.mean(axis=-1), strokes,
+                                  active_strokes(strokes, current),
+                                  self.geometry(image_id).spacing, share)
 
     @property
     def postprocessing(self) -> dict:

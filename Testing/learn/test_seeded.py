@@ -18,7 +18,7 @@ def test_a_2d_image_grows_as_its_unmasked_three_slice_stack():
     seeds = square_strokes(96)
     got = seeded.grow_from_seeds(img[None, :, :, None], seeds[None], 2)[0]
     stack = np.repeat(img[None].astype(np.float32), 3, axis=0)
-    plain = seeded._grow(stack, np.repeat(seeds[None], 3, axis=0), (1.0, 1.0, 1.0))[1]
+    plain = seeded.grow(stack, np.repeat(seeds[None], 3, axis=0), (1.0, 1.0, 1.0))[1]
     assert (got == plain).mean() > 0.999
     inner = (slice(1, -1), slice(1, -1))  # the filter's border pixels are never grown
     assert (got[inner] == ref[inner]).mean() > 0.95

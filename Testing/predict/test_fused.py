@@ -114,17 +114,20 @@ def test_the_painted_images_grown_in_the_round_are_the_ones_prediction_would_gro
     rnd = proj.rounds[-1]
     if not rnd["fusion"].get("seeded_weights") or rnd["fusion"]["seeded_weights"][2] == 0:
         pytest.skip("this round gave grow from seeds no weight")
-    assert proj._grown is not None and set(proj._grown[2]) == set(ids)
+    r = rnd["round"]
+    assert {i for (rr, i) in proj._grown if rr == r} == set(ids)
     reopened = copy_project(tmp_path / "p", tmp_path / "copy")
     for i in ids:
         grown = seeded.grow_from_seeds(_teacher_view(reopened, i), proj.labels(i)[None], 2,
                                        reopened.geometry(i).spacing)
-        np.testing.assert_array_equal(proj._grown[2][i], grown)
+        np.testing.assert_array_equal(proj._grown[(r, i)][1], grown)
         a = proj.predict_full(i, save=False, component="seeded")
         b = reopened.predict_full(i, save=False, component="seeded")
         np.testing.assert_array_equal(a.labels, b.labels)
         np.testing.assert_array_equal(proj.predict_full(i, save=False).labels,
                                       reopened.predict_full(i, save=False).labels)
+        # The reopened project keeps what it grew, for Refine and the next prediction.
+        np.testing.assert_array_equal(reopened._grown[(r, i)][1], grown)
 
 
 def _teacher_view(proj, image_id):
