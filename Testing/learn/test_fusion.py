@@ -158,3 +158,82 @@ def test_held_out_pixels_weighted_by_the_image_class_shares_rank_models_as_the_i
     assert abs(weights.sum() - 200) < 1e-6
     assert abs(weights[y == 1].sum() / weights.sum() - 0.95) < 1e-6
     assert fusion.prior_weights(y, None) is None
+
+
+def _blend_case(seed, gain_flips):
+    """Held-out pixels where the teacher is right on about 80 %, and a network that is the
+    teacher except on ``gain_flips`` of its errors, which a share of 0.3-0.4 of the network
+    fixes, and on twice as many pixels the teacher is sure of, which the network alone gets
+    wrong: worse alone, better blended in."""
+    rng = np.random.default_rng(seed)
+    K, n = 3, 3000
+    y = rng.integers(1, K + 1, n)
+    teacher = _probs(y, K, 0.8, rng)
+    net = teacher.copy()
+    wrong = np.flatnonzero(np.argmax(teacher, axis=1) + 1 != y)
+    right = np.flatnonzero(np.argmax(teacher, axis=1) + 1 == y)
+    fix = rng.choice(wrong, gain_flips, replace=False)
+    harm = rng.choice(right, 2 * gain_flips, replace=False)
+    for idx, p_true, p_other in ((fix, 0.3, 0.6), (harm, 0.95, 0.025)):
+        teacher[idx] = (1 - p_true - p_other)
+        teacher[idx, y[idx] - 1] = p_true
+        teacher[idx, y[idx] % K] = p_other
+    net[fix] = 0.0
+    net[fix, y[fix] - 1] = 1.0
+    net[harm] = 0.0
+    net[harm, y[harm] % K] = 1.0
+    return net, teacher, y, K
+
+
+def test_a_network_share_must_gain_more_than_its_unit_standard_errors():
+    """One held-out image: a blend a few hundredths better there is no evidence when one
+    image's score moves more than that between images (each unit of network weight costs one
+    standard error); where the unit noise is small the same gain keeps the blend."""
+    net, teacher, y, K = _blend_case(0, 120)
+    w0, table = fusion.choose_weights([net, teacher], y, K)
+    gain = table[w0][0] - table[(0.0, 1.0)][0]
+    assert 0.3 <= w0[0] <= 0.4 and 0.02 < gain < 0.06     # without the unit noise
+    assert table[(1.0, 0.0)][0] < table[(0.0, 1.0)][0]     # the network alone is worse
+    w, table = fusion.choose_weights([net, teacher], y, K, unit_se=0.2)
+    assert w == (0.0, 1.0)
+    # The raw scores stay in the table (the self-estimate reports them).
+    assert table[w0][0] == pytest.approx(table[(0.0, 1.0)][0] + gain)
+    w, _ = fusion.choose_weights([net, teacher], y, K, unit_se=0.02)
+    assert w[0] >= 0.3
+    # The cost is on the network's share only: the teacher and another classical part
+    # (here the teacher again) still blend freely.
+    w3, _ = fusion.choose_weights([net, teacher, teacher], y, K, unit_se=0.2)
+    assert w3[0] == 0.0 and w3[1] > 0 and w3[2] > 0
+
+
+def test_a_network_far_better_than_one_unit_standard_error_keeps_its_weight():
+    rng = np.random.default_rng(3)
+    K = 2
+    y = rng.integers(1, K + 1, 2000)
+    good, bad = _probs(y, K, 0.95, rng), _probs(y, K, 0.7, rng)
+    w, table = fusion.choose_weights([good, bad], y, K, unit_se=0.05)
+    assert w[0] >= 0.5
+    assert table[w][0] >= table[(0.0, 1.0)][0] + 0.1
+
+
+def test_unit_standard_error_is_the_spread_of_unit_scores_over_root_units():
+    scores = np.array([0.47, 0.62, 0.70])
+    se = fusion.unit_standard_error(scores, 1)
+    assert se == pytest.approx(np.std(scores, ddof=1))
+    assert fusion.unit_standard_error(scores, 4) == pytest.approx(se / 2)
+    assert fusion.unit_standard_error(scores[:2], 1) == 0.0   # two units: no spread to go by
+
+
+def test_unit_scores_leave_out_units_of_one_class():
+    K = 2
+    y = np.array([1, 1, 2, 2, 1, 1, 1, 2, 2, 2])
+    unit = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    p = np.zeros((len(y), K), np.float32)
+    p[np.arange(len(y)), y - 1] = 1.0
+    p[2] = [1.0, 0.0]                              # one error on unit 0
+    sc = fusion.unit_scores(p, y, unit, K)
+    assert len(sc) == 1                             # units 1 and 2 hold one class each
+    assert sc[0] == pytest.approx(np.mean([2 * 2 / (2 + 3), 2 * 1 / (1 + 2)]))
+    ids = fusion.unit_ids([np.pad(np.ones((1, 2, 2), np.uint8), ((0, 2), (0, 0), (0, 0))),
+                           np.ones((1, 2, 2), np.uint8)], dims=2)
+    assert ids[0][0].max() == 0 and (ids[0][1:] == -1).all() and (ids[1] == 1).all()

@@ -111,3 +111,39 @@ def test_a_warm_round_that_improves_keeps_its_new_model():
     changed = any(not np.array_equal(v.numpy(), start[k].numpy())
                   for k, v in out.model.state_dict().items())
     assert changed
+
+
+def test_a_round_scores_every_painted_image_unseen_and_records_the_unit_noise():
+    """Three painted images, one held out: k-fold forests score each image unseen, and the
+    spread of those scores is the standard error the network's share has to beat."""
+    images = _images(3)
+    for n, im in enumerate(images):    # brighter and brighter: a forest fitted on the others
+        im.image = im.image + np.float32(0.3 * n)    # is wrong on part of each, unevenly
+    out = run_round(images, _settings(1, steps=3))
+    f = out.extra["fusion"]
+    assert len(f["unit_scores"]) == 3 and f["held_units"] == 1
+    assert f["unit_se"] == pytest.approx(np.std(f["unit_scores"], ddof=1), abs=1e-3)
+    assert f["unit_se"] > 0.01, f["unit_scores"]
+
+
+def test_grow_from_seeds_gets_no_weight_where_held_out_strokes_cannot_score_it():
+    """A collection holding out whole images has no held-out pixel on an image with training
+    strokes, so nothing grows where it is scored: it gets no weight (and is not grown). With
+    two painted images stroke components are held out, next to training strokes: it is
+    scored and weighted."""
+    from semsegloop.learn import seeded
+
+    if not seeded.available():
+        pytest.skip("Slicer's GrowCut (slicer-core) is not installed")
+    seeded.warm_up()
+    loading = seeded._loading.get("thread")
+    if loading is not None:
+        loading.join()                  # imported before the rounds, as in a long session
+    whole = run_round(_images(3), _settings(1, steps=3))
+    assert "seeded_weights" not in whole.extra["fusion"] and whole.extra["grown"] == {}
+    assert "seeded" not in whole.extra["fusion"]["estimate"]
+    parts = run_round(_images(2), _settings(1, steps=3))
+    assert len(parts.extra["fusion"]["seeded_weights"]) == 3
+    # Components held out beside training strokes: one unit's noise does not apply.
+    assert parts.extra["fusion"]["unit_se"] == 0.0
+    assert set(parts.extra["grown"]) == {"im0", "im1"}

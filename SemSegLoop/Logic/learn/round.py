@@ -110,7 +110,7 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
     import copy
 
     from semsegloop.learn import training as tr
-    from semsegloop.learn.fusion import holdout_masks
+    from semsegloop.learn.fusion import holdout_masks, unit_ids
     from semsegloop.learn.losses import SparseLabelLoss
     from semsegloop.learn.networks import build_network
     from semsegloop.learn.sampling import PatchSampler, TrainingImage
@@ -143,7 +143,7 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
     logf = log or (lambda rec: None)
     pseudo: list = [None] * len(images)
     held = [np.zeros(im.labels.shape, bool) for im in images]
-    teacher_full = teacher_h = refit = grown = prior = None
+    teacher_full = teacher_h = refit = grown = prior = unit_proba = None
     # Seconds the painted images' teacher predictions took here: predicting them after the
     # round costs as much again (a reserve kept out of the student's budget).
     painted_s = 0.0
@@ -162,10 +162,11 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
         t0 = time.perf_counter()
         limit = None if s.time_budget_s is None else 0.35 * s.time_budget_s
         try:
-            X, (y, h) = Teacher(K, s.dims, s.spacing).samples(
+            X, (y, h, unit) = Teacher(K, s.dims, s.spacing).samples(
                 [im.raw for im in images], [im.labels > 0 for im in images],
-                [[im.labels for im in images], held], stop)
-            y, h = y.astype(np.uint8), h.astype(bool)
+                [[im.labels for im in images], held,
+                 unit_ids([im.labels for im in images], s.dims)], stop)
+            y, h, unit = y.astype(np.uint8), h.astype(bool), unit.astype(np.int64)
             kw = dict(seed=s.seed, n_jobs=tr.cpu_threads())
             teacher_h = Teacher(K, s.dims, s.spacing, **kw).fit(X[~h], y[~h], stop)
             if h.any():
@@ -190,12 +191,14 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
                 del p_img
             if h.any():
                 # The forest prediction uses is re-fitted on all strokes while the student
-                # trains (sklearn releases the GIL; one core), joined after training.
-                refit = _Background(lambda: Teacher(K, s.dims, s.spacing, seed=s.seed,
-                                                    n_jobs=1).fit(X, y, stop))
+                # trains (sklearn releases the GIL; one core), joined after training; then
+                # small forests score every painting unit unseen (fusion's evidence).
+                refit = _Background(lambda: (
+                    Teacher(K, s.dims, s.spacing, seed=s.seed, n_jobs=1).fit(X, y, stop),
+                    _unit_folds(X, y, unit, s, stop)))
             else:
                 teacher_full = teacher_h
-            if h.any() and seeded.ready():
+            if h.any() and seeded.ready() and _seeded_evidence(train_labels, held):
                 # Grow from seeds does not depend on the network: grown here, its time is
                 # taken from the student's budget instead of running past the round's end
                 # (Drosophila, 5 s per 1024^2 image: a 60 s round took 78 s to its result).
@@ -259,13 +262,14 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
     t_trained = time.perf_counter()
     if refit is not None:
         try:
-            teacher_full = refit.join()
+            teacher_full, unit_proba = refit.join()
             # Fitted on one core beside the student; prediction has every core.
             teacher_full.set_jobs(tr.cpu_threads())
         except CancelledError:
             teacher_full, cancelled = teacher_h, True
     t_joined = time.perf_counter()
     kept_previous = False
+    unit_ev = None if unit_proba is None else (unit_proba, y, unit, h)
     if p_teacher is not None and n_steps > 0 and not cancelled:
         deadline = None
         if s.time_budget_s is not None:
@@ -275,7 +279,7 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
         try:
             fusion, kept_previous = _fuse(images, train_labels, held, model, previous, plan,
                                           device_t, p_teacher, y_h, s, names, stop, deadline,
-                                          grown, prior)
+                                          grown, prior, unit_ev)
         except InterruptedError:
             cancelled = True
     # Where the round's seconds went (from its start), for budget overruns.
@@ -322,6 +326,47 @@ class _Background:
         return self.out[0]
 
 
+# Folds and trees of the forests that score every painting unit unseen: the spread of their
+# scores is all they are for, so they are a quarter of the teacher's size.
+UNIT_FOLDS = 5
+UNIT_TREES = 16
+
+
+def _unit_folds(X, y, unit, s: RoundSettings, stop) -> np.ndarray | None:
+    """(N, K) probabilities at every stroke sample from a forest that did not see its painting
+    unit (k-fold over units, at most UNIT_FOLDS forests); None with fewer than two units.
+    What fusion.unit_scores turns into the evidence one held-out unit gives."""
+    from semsegloop.learn.teacher import Teacher
+
+    units = np.unique(unit[unit >= 0])
+    if len(units) < 2:
+        return None
+    n_folds = min(UNIT_FOLDS, len(units))
+    order = np.random.default_rng(s.seed).permutation(units)
+    fold_of = np.full(int(units.max()) + 1, -1)
+    fold_of[order] = np.arange(len(order)) % n_folds
+    fold = np.where(unit >= 0, fold_of[np.maximum(unit, 0)], -1)
+    out = np.full((len(y), s.n_classes), 1.0 / s.n_classes, np.float32)
+    for f in range(n_folds):
+        test, train = fold == f, (fold != f) & (fold >= 0)
+        if not test.any() or len(np.unique(y[train])) < 2:
+            continue
+        t = Teacher(s.n_classes, s.dims, s.spacing, n_trees=UNIT_TREES, seed=s.seed,
+                    n_jobs=1).fit(X[train], y[train], stop)
+        out[test] = t.proba_samples(X[test])
+    return out
+
+
+def _seeded_evidence(train_labels, where) -> bool:
+    """Grow from seeds can be scored: some image has both training strokes to grow from and
+    pixels ``where`` (held out or scored) to score it on. A collection that holds out whole
+    images has none (nothing grows on an image without training strokes), so its weight
+    would be chosen on nothing: H&E nuclei under load gave it 0.8, the painted images were
+    mostly Grow from seeds (mean Dice 0.42 on their unpainted pixels), and the next round,
+    corrected there, scored 0.71 on the unseen images against the forest's 0.81."""
+    return any(w.any() and lab.any() for lab, w in zip(train_labels, where))
+
+
 def _grow_training_strokes(images, train_labels, where, s: RoundSettings) -> list:
     """Per image, grow-from-seeds labels from the training strokes on images where ``where``
     (held-out or scored pixels) has any pixel, None elsewhere: what _fuse scores it with."""
@@ -341,16 +386,18 @@ def _grow_all_strokes(images, s: RoundSettings) -> dict:
 
 
 def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_all, y_all,
-          s: RoundSettings, names, stop, deadline, grown=None, prior=None):
+          s: RoundSettings, names, stop, deadline, grown=None, prior=None, units=None):
     """Score the new (and the previous) network, the teacher and grow-from-seeds on held-out
     strokes; returns (fusion record, keep the previous network?).
 
     "weight" is the network's share against the teacher (every image); "seeded_weights" are
     (network, teacher, grow from seeds) shares for the painted images, where the strokes can
-    seed a region growing."""
+    seed a region growing. ``units`` (k-fold probabilities, classes, painting units and
+    held-out flags of every stroke sample) give the standard error of a score on the
+    held-out units, which the network's share must beat (fusion.choose_weights)."""
     from semsegloop.learn import seeded
     from semsegloop.learn.fusion import (choose_weights, per_class, prior_weights, sampling_noise,
-                                         score_tiles)
+                                         score_tiles, unit_scores, unit_standard_error)
 
     K = s.n_classes
     models = [model] + ([previous] if previous is not None else [])
@@ -363,24 +410,39 @@ def _fuse(images, train_labels, held, model, previous, plan, device, p_teacher_a
     record: dict = {"held_out_pixels": int(len(y_all)), "scored_pixels": int(len(y_h)),
                     "scoring_s": round(time.perf_counter() - t0, 2)}
     wts = prior_weights(y_h, prior)
+    se = 0.0
+    if units is not None:
+        u_proba, u_y, u_unit, u_held = units
+        unit_sc = unit_scores(u_proba, u_y, u_unit, K, prior)
+        # Units the held-out score was taken on (those with scored pixels). Held out in
+        # part (stroke components, fewer than MIN_UNITS units), the held-out strokes lie
+        # beside training strokes of every unit, and one unit's noise is not theirs.
+        n_held = len(np.unique(u_unit[np.flatnonzero(u_held)[rows]]))
+        whole = all(u_held[u_unit == u].all() for u in np.unique(u_unit[u_held]))
+        se = unit_standard_error(unit_sc, n_held) if whole else 0.0
+        record.update(unit_scores=[round(float(v), 4) for v in unit_sc], held_units=n_held,
+                      unit_se=round(se, 4))
     if prior is not None:
         record["class_shares"] = [round(float(v) / max(float(np.sum(prior)), 1), 4) for v in prior]
     comps = {"network": p_net, "teacher": p_teacher}
-    if grown is None and seeded.ready():
+    if grown is None and seeded.ready() and _seeded_evidence(train_labels, scored):
         # GrowCut was still loading before training: grown now, on the scored images only.
         grown = _grow_training_strokes(images, train_labels, scored, s)
     if grown is not None:
         # Grown from the training strokes only; read at the held-out pixels scored (scored
         # pixels are held out, so every image with some was grown).
-        parts = [g[sc] for g, sc in zip(grown, scored) if sc.any()]
-        comps["seeded"] = seeded.as_probabilities(np.concatenate(parts), K)
+        at = np.concatenate([g[sc] for g, sc in zip(grown, scored) if sc.any()])
+        # Where nothing grew it is uniform and leaves the others' argmax as it is: its weight
+        # would be chosen on nothing (see _seeded_evidence).
+        if (at > 0).any():
+            comps["seeded"] = seeded.as_probabilities(at, K)
 
     def decide(p_network):
-        w2, t2 = choose_weights([p_network, p_teacher], y_h, K, weights=wts)
+        w2, t2 = choose_weights([p_network, p_teacher], y_h, K, weights=wts, unit_se=se)
         out = {"weight": float(w2[0]), "dice2": t2[w2][0], "alone": t2[(1.0, 0.0)]}
         if "seeded" in comps:
             w3, t3 = choose_weights([p_network, p_teacher, comps["seeded"]], y_h, K,
-                                    weights=wts)
+                                    weights=wts, unit_se=se)
             out.update(seeded_weights=[float(v) for v in w3], dice3=t3[w3][0])
         return out
 
