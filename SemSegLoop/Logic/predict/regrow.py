@@ -66,7 +66,7 @@ def with_regrown_seeds(probabilities: np.ndarray, grown: np.ndarray, grey: np.nd
     ``grown`` (the round's grow-from-seeds labels, 1..K, 0 = nothing grew), with that share
     replaced inside region(active) by Grow from seeds on ``grey`` (S, Y, X) from every stroke
     there; the region's faces inside the volume are seeded with ``grown``, so the growing
-    stays consistent with the rest of the volume. Returns a new float32 array, or
+    stays consistent with the rest of the volume. Returns a new array of the same dtype, or
     ``probabilities`` itself when nothing applies."""
     from semsegloop.learn import seeded
 
@@ -89,10 +89,11 @@ def with_regrown_seeds(probabilities: np.ndarray, grown: np.ndarray, grey: np.nd
     seeds[border] = old[border]
     if len(np.unique(seeds[seeds > 0])) < 2:
         return probabilities
-    crop_spacing = tuple(float(s) for s in spacing)
-    new = seeded.grow(np.asarray(grey[roi], np.float32), seeds, crop_spacing)
-    out = np.asarray(probabilities, np.float32).copy()
-    block = out[(slice(None),) + roi]
+    new = seeded.grow(np.asarray(grey[roi], np.float32), seeds, tuple(float(s) for s in spacing))
+    # A copy in the probabilities' own dtype (float16 from prediction), the box in float32:
+    # the whole volume in float32 would double what K probabilities take (a 40-class CT).
+    out = np.array(probabilities, copy=True)
+    block = out[(slice(None),) + roi].astype(np.float32)
     moved = (old > 0) & (new > 0) & (new != old)
     if moved.any():
         where = np.nonzero(moved)
