@@ -22,3 +22,25 @@ def test_a_2d_image_grows_as_its_unmasked_three_slice_stack():
     assert (got == plain).mean() > 0.999
     inner = (slice(1, -1), slice(1, -1))  # the filter's border pixels are never grown
     assert (got[inner] == ref[inner]).mean() > 0.95
+
+
+def test_ready_waits_for_a_warm_up_under_way_only_when_asked():
+    """A round without a time budget asks ``ready(wait=True)``: it must not depend on how
+    fast Slicer's import ran beside it."""
+    import threading
+    import time
+
+    from semsegloop.learn import seeded
+
+    saved = dict(seeded._loading)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (time.sleep(0.5), done.set()), daemon=True)
+    try:
+        seeded._loading["thread"] = t
+        t.start()
+        assert seeded.ready() is False          # still loading: not waited for
+        seeded.ready(wait=True)
+        assert done.is_set()                    # waited until the warm-up finished
+    finally:
+        seeded._loading.clear()
+        seeded._loading.update(saved)

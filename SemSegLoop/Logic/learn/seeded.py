@@ -42,13 +42,17 @@ def warm_up() -> None:
     t.start()
 
 
-def ready() -> bool:
-    """True once GrowCut is importable without waiting (already imported or warmed up)."""
+def ready(wait: bool = False) -> bool:
+    """True once GrowCut is importable without waiting (already imported or warmed up);
+    ``wait``: first let a warm-up under way finish (a round without a time budget, whose
+    result must not depend on how fast the import ran)."""
     import sys
 
     t = _loading.get("thread")
     if t is not None and t.is_alive():
-        return False
+        if not wait:
+            return False
+        t.join()
     mod = sys.modules.get("slicer")
     return mod is not None and hasattr(mod, "vtkImageGrowCutSegment")
 
