@@ -7,6 +7,11 @@ region). Grow from seeds is Slicer's ``vtkImageGrowCutSegment`` (slicer-core whe
 stroke painted on that image so far. The retraining round trains one more round (as many steps
 as the first) on all strokes including the clicks. Rounds are budgeted in steps, so the models do
 not depend on the load; timings are on this machine under the load of the other sessions.
+
+Suggest: copies of round 1 paint 3 more images (collections) or axial slices (volume cases) in
+round 2: the 3 Project.suggest puts first, 3 evenly spread, and the 3 it puts last; mean Dice on
+what none of them painted, for each of --suggest-seeds (round 1, strokes and training) and on
+average, with each arm's fusion shares.
 """
 
 from __future__ import annotations
@@ -275,6 +280,8 @@ def suggest_case(case, args, arms: dict, ids) -> dict:
     """``arms``: {"suggest": project, "spread": project, "least": project}, copies of one
     project after round 1. "least" paints the 3 images Suggest ranks last: if the ranking
     means anything, it should come out below the suggested ones."""
+    if case.score_painted:
+        return suggest_slices(case, args, arms, ids)
     proj = arms["suggest"]
     by_id = {v: k for k, v in ids.items()}
     unpainted = [i for i in ids if i not in case.paint]
@@ -288,7 +295,7 @@ def suggest_case(case, args, arms: dict, ids) -> dict:
     used = {i for v in chosen.values() for i in v}
     # Every arm is scored on the same images: those none of them painted.
     rest = [i for i in unpainted if i not in used]
-    result = {"case": case.key, "rest": len(rest), "suggest_s": suggest_s,
+    result = {"case": case.key, "seed": args.seed, "rest": len(rest), "suggest_s": suggest_s,
               "scores": {case.samples[by_id[s["image_id"]]].name: s["score"] for s in ranked},
               "arms": {}}
     for name, p in arms.items():
@@ -299,11 +306,71 @@ def suggest_case(case, args, arms: dict, ids) -> dict:
         scores = [dice(p.predict(ids[i], device=args.device, save=False), case.samples[i].reference,
                        case.n_classes) for i in rest]
         result["arms"][name] = {"images": [case.samples[i].name for i in chosen[name]],
-                                "dice": float(np.mean(scores))}
+                                "dice": float(np.mean(scores)), "fusion": fusion_of(p)}
         log(f"{case.key}: {name} {result['arms'][name]}")
     a = result["arms"]
     result["suggest_wins"] = a["suggest"]["dice"] > a["spread"]["dice"]
     return result
+
+
+def fusion_of(proj) -> dict:
+    """The latest round's shares (network against the teacher; network, teacher, Grow from
+    seeds on painted images) and the held-out pixels they were chosen on: what moved an arm."""
+    f = (proj.rounds[-1] if proj.rounds else {}).get("fusion") or {}
+    return {k: f.get(k) for k in ("weight", "seeded_weights", "scored_pixels", "kept_previous")}
+
+
+def suggest_slices(case, args, arms: dict, ids) -> dict:
+    """Suggest on a volume case: round 2 paints 3 more axial slices of the (first) painted
+    volume, with as many pixels per slice as round 1's; scored on the slices no arm painted
+    (nor round 1)."""
+    from semsegloop.measure.simulate import simulate_strokes
+
+    i = case.paint[0]
+    ref = case.samples[i].reference
+    K = case.n_classes
+    first = make_strokes(case, i, args)
+    painted = np.flatnonzero(first.reshape(len(first), -1).any(axis=1))
+    unpainted = [z for z in range(len(first)) if z not in set(painted.tolist())]
+    t0 = time.perf_counter()
+    ranked = [r for r in arms["suggest"].suggest(len(unpainted), by="slice", device=args.device)
+              if r["image_id"] == ids[i]]
+    suggest_s = time.perf_counter() - t0
+    order = [r["slice"] for r in ranked]
+    # What the panel asks (3 slices, kept apart); the whole ranking gives the last three.
+    top3 = [r["slice"] for r in arms["suggest"].suggest(3, by="slice", device=args.device)]
+    chosen = {"suggest": top3, "least": order[-3:],
+              "spread": [unpainted[j] for j in datasets.spread(len(unpainted), 3)]}
+    chosen = {k: sorted(v) for k, v in chosen.items() if k in arms}
+    used = {z for v in chosen.values() for z in v}
+    rest = [z for z in unpainted if z not in used]
+    per_slice = -(-args.pixels // max(len(painted), 1))
+    result = {"case": case.key, "seed": args.seed, "rest": len(rest), "suggest_s": suggest_s,
+              "unit": "slices", "scores": {f"slice {r['slice']}": r["score"] for r in ranked},
+              "arms": {}}
+    for name, p in arms.items():
+        more = simulate_strokes(ref, K, pixels_per_class=per_slice * len(chosen[name]),
+                                brush_radius=1, seed=args.seed + i, dims=3, slices=chosen[name])
+        p.set_labels(ids[i], np.where(first > 0, first, more).astype(np.uint8))
+        log(f"{case.key}: round 2 with the {name} slices {chosen[name]}, {args.train_steps} steps")
+        p.train(steps=args.train_steps, device=args.device, seed=args.seed)
+        pred = p.predict(ids[i], device=args.device, save=False)
+        result["arms"][name] = {"images": [f"slice {z}" for z in chosen[name]],
+                                "dice": dice(pred[rest], ref[rest], K), "fusion": fusion_of(p)}
+        log(f"{case.key}: {name} {result['arms'][name]}")
+    a = result["arms"]
+    result["suggest_wins"] = a["suggest"]["dice"] > a["spread"]["dice"]
+    return result
+
+
+def mean_suggest(runs: list[dict]) -> dict:
+    """One Suggest case over several seeds: each seed's arms, and the arms' mean Dice."""
+    out = dict(runs[0])
+    out["seeds"] = runs
+    out["mean"] = {name: float(np.mean([r["arms"][name]["dice"] for r in runs]))
+                   for name in runs[0]["arms"]}
+    out["suggest_wins"] = out["mean"]["suggest"] > out["mean"]["spread"]
+    return out
 
 
 # ------------------------------------------------------------------------------ report
@@ -339,19 +406,28 @@ def print_report(report: dict) -> None:
     labels = {"suggest": "suggested (most uncertain)", "spread": "evenly spread",
               "least": "least uncertain (control)"}
     for c in report["suggest"]:
-        print(f"\nSuggest on {c['case']}: round 2 paints 3 more images ({s['train_steps']} more "
-              f"steps); mean Dice on the {c['rest']} images no arm painted "
-              f"(Project.suggest over all unpainted: {c['suggest_s']:.1f} s)")
-        for name, arm in c["arms"].items():
-            sc = [round(c["scores"][n], 3) for n in arm["images"]]
-            print(f"  {labels[name]:<28}{arm['dice']:>7.3f}   {arm['images']} scores {sc}")
-        print(f"  suggested higher than evenly spread: {c['suggest_wins']}")
+        unit = c.get("unit", "images")
+        print(f"\nSuggest on {c['case']}: round 2 paints 3 more {unit} ({s['train_steps']} more "
+              f"steps); mean Dice on the {c['rest']} {unit} no arm painted, per seed (round 1, "
+              f"strokes and training) and their mean")
+        for r in c["seeds"]:
+            print(f"  seed {r['seed']} (Project.suggest over all unpainted: {r['suggest_s']:.1f} s)")
+            for name, arm in r["arms"].items():
+                sc = [round(r["scores"][n], 3) for n in arm["images"]]
+                f = arm.get("fusion") or {}
+                print(f"    {labels[name]:<28}{arm['dice']:>7.3f}   {arm['images']} uncertainty {sc}"
+                      f"; shares {f.get('seeded_weights') or f.get('weight')}"
+                      f" on {f.get('scored_pixels')} held-out px")
+        print("  mean over seeds " + ", ".join(str(r["seed"]) for r in c["seeds"]) + ": "
+              + ", ".join(f"{labels[k]} {v:.3f}" for k, v in c["mean"].items()))
+        print(f"  suggested higher than evenly spread (mean): {c['suggest_wins']}")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--refine-cases", default="isbi,nuclei,hippocampus,ctorgans")
-    p.add_argument("--suggest-cases", default="isbi")
+    p.add_argument("--suggest-cases", default="isbi",
+                   help="collections: 3 more images; volume cases (ctorgans, brain1): 3 more slices")
     # Steps, not seconds: the machine is shared, and a time budget would give a model whose
     # quality depends on the other sessions' load (60 s on two free cores is ~120-170 steps).
     p.add_argument("--train-steps", type=int, default=30)
@@ -368,12 +444,17 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, default=datasets.DEFAULT_DATA)
     p.add_argument("--arms", default="suggest,spread,least",
                    help="Suggest arms (suggest and spread are needed)")
+    p.add_argument("--suggest-seeds", default="0,1,2",
+                   help="seeds of the Suggest experiment (the first is --seed's round 1)")
     p.add_argument("--json", type=Path)
     p.add_argument("--no-speed", action="store_true")
     args = p.parse_args(argv)
     args.refine_cases = [c for c in args.refine_cases.split(",") if c]
     args.suggest_cases = [c for c in args.suggest_cases.split(",") if c]
     args.arms = [a for a in args.arms.split(",") if a]
+    # The first Suggest run reuses the Refine cases' round 1, trained with --seed.
+    args.suggest_seeds = [args.seed] + [int(v) for v in args.suggest_seeds.split(",")
+                                        if v and int(v) != args.seed]
     args.poor_cases = [c for c in args.poor_cases.split(",") if c]
     return args
 
@@ -413,7 +494,15 @@ def main(argv=None) -> int:
             if key in args.refine_cases:
                 report["refine"].append(refine_case(case, args, proj, ids, strokes))
             if arms:
-                report["suggest"].append(suggest_case(case, args, arms, ids))
+                # Which 3 images a round paints moves the rest's Dice by about as much as the
+                # seed does (strokes, training): one seed decides nothing, their mean does.
+                runs = [suggest_case(case, args, arms, ids)]
+                for seed in args.suggest_seeds[1:]:
+                    a2 = argparse.Namespace(**{**vars(args), "seed": seed})
+                    p2, ids2, _ = first_round(case, a2, workdir, indices, f"s{seed}")
+                    runs.append(suggest_case(case, a2, {a: copy_project(p2, workdir / f"{key}_{a}_s{seed}")
+                                                        for a in args.arms}, ids2))
+                report["suggest"].append(mean_suggest(runs))
             if key in args.poor_cases:
                 # A poor model (few steps): the engine's Refine beside Refine on the network
                 # alone, which is what lost to Grow from seeds before the fused prediction.
