@@ -426,7 +426,7 @@ def print_report(report: dict) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--refine-cases", default="isbi,nuclei,hippocampus,ctorgans")
-    p.add_argument("--suggest-cases", default="isbi",
+    p.add_argument("--suggest-cases", default="isbi,nuclei",
                    help="collections: 3 more images; volume cases (ctorgans, brain1): 3 more slices")
     # Steps, not seconds: the machine is shared, and a time budget would give a model whose
     # quality depends on the other sessions' load (60 s on two free cores is ~120-170 steps).
