@@ -200,8 +200,8 @@ def run_round(images: list[RoundImage], settings: RoundSettings, *,
                 teacher_full = teacher_h
             # Without a time budget nothing is gained by skipping it while Slicer's import
             # is still loading, and a round budgeted in steps must give the same result
-            # however loaded the machine: the same ISBI round gave 0.780 in one process and
-            # 0.772 in another when growing was left to after training in one of them.
+            # however fast that import ran beside it (skipped here, growing happens after
+            # training on the scored images only, and the painted images get none).
             if (h.any() and seeded.ready(wait=s.time_budget_s is None)
                     and _seeded_evidence(train_labels, held)):
                 # Grow from seeds does not depend on the network: grown here, its time is
