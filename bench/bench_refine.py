@@ -282,31 +282,46 @@ def suggest_case(case, args, arms: dict, ids) -> dict:
     means anything, it should come out below the suggested ones."""
     if case.score_painted:
         return suggest_slices(case, args, arms, ids)
-    proj = arms["suggest"]
     by_id = {v: k for k, v in ids.items()}
     unpainted = [i for i in ids if i not in case.paint]
     t0 = time.perf_counter()
-    ranked = proj.suggest(len(unpainted), device=args.device)
+    ranked = arms["suggest"].suggest(len(unpainted), device=args.device)
     suggest_s = time.perf_counter() - t0
     order = [by_id[s["image_id"]] for s in ranked]
-    chosen = {"suggest": order[:3], "least": order[-3:],
-              "spread": [unpainted[j] for j in datasets.spread(len(unpainted), 3)]}
-    chosen = {k: v for k, v in chosen.items() if k in arms}
-    used = {i for v in chosen.values() for i in v}
-    # Every arm is scored on the same images: those none of them painted.
-    rest = [i for i in unpainted if i not in used]
+    chosen, rest = pick_arms(order[:3], order, unpainted, arms)
     result = {"case": case.key, "seed": args.seed, "rest": len(rest), "suggest_s": suggest_s,
               "scores": {case.samples[by_id[s["image_id"]]].name: s["score"] for s in ranked},
               "arms": {}}
-    for name, p in arms.items():
-        for i in chosen[name]:
+
+    def paint(p, picks):
+        for i in picks:
             p.set_labels(ids[i], make_strokes(case, i, args))
-        log(f"{case.key}: round 2 with the {name} images, {args.train_steps} steps")
+
+    def score(p):
+        return float(np.mean([dice(p.predict(ids[i], device=args.device, save=False),
+                                   case.samples[i].reference, case.n_classes) for i in rest]))
+    return run_arms(case, args, arms, chosen, result, paint, score,
+                    lambda i: case.samples[i].name)
+
+
+def pick_arms(top: list, order: list, unpainted: list, arms: dict) -> tuple[dict, list]:
+    """({arm: what it paints}, what none of them paints): Suggest's ``top``, the last 3 of its
+    whole ``order``, 3 evenly spread; every arm is scored on the same rest."""
+    chosen = {"suggest": top, "least": order[-3:],
+              "spread": [unpainted[j] for j in datasets.spread(len(unpainted), 3)]}
+    chosen = {k: v for k, v in chosen.items() if k in arms}
+    used = {i for v in chosen.values() for i in v}
+    return chosen, [i for i in unpainted if i not in used]
+
+
+def run_arms(case, args, arms: dict, chosen: dict, result: dict, paint, score, label) -> dict:
+    """Round 2 in each arm's copy: ``paint(project, picks)``, train, ``score(project)``."""
+    for name, p in arms.items():
+        paint(p, chosen[name])
+        log(f"{case.key}: round 2 with the {name} picks {chosen[name]}, {args.train_steps} steps")
         p.train(steps=args.train_steps, device=args.device, seed=args.seed)
-        scores = [dice(p.predict(ids[i], device=args.device, save=False), case.samples[i].reference,
-                       case.n_classes) for i in rest]
-        result["arms"][name] = {"images": [case.samples[i].name for i in chosen[name]],
-                                "dice": float(np.mean(scores)), "fusion": fusion_of(p)}
+        result["arms"][name] = {"images": [label(x) for x in chosen[name]], "dice": score(p),
+                                "fusion": fusion_of(p)}
         log(f"{case.key}: {name} {result['arms'][name]}")
     a = result["arms"]
     result["suggest_wins"] = a["suggest"]["dice"] > a["spread"]["dice"]
@@ -330,43 +345,37 @@ def suggest_slices(case, args, arms: dict, ids) -> dict:
     ref = case.samples[i].reference
     K = case.n_classes
     first = make_strokes(case, i, args)
-    painted = np.flatnonzero(first.reshape(len(first), -1).any(axis=1))
-    unpainted = [z for z in range(len(first)) if z not in set(painted.tolist())]
+    painted = set(np.flatnonzero(first.reshape(len(first), -1).any(axis=1)).tolist())
+    unpainted = [z for z in range(len(first)) if z not in painted]
     t0 = time.perf_counter()
     ranked = [r for r in arms["suggest"].suggest(len(unpainted), by="slice", device=args.device)
               if r["image_id"] == ids[i]]
     suggest_s = time.perf_counter() - t0
-    order = [r["slice"] for r in ranked]
-    # What the panel asks (3 slices, kept apart); the whole ranking gives the last three.
+    # What the panel asks (3 slices, kept apart: the gap depends on how many are asked);
+    # the whole ranking gives the last three.
     top3 = [r["slice"] for r in arms["suggest"].suggest(3, by="slice", device=args.device)]
-    chosen = {"suggest": top3, "least": order[-3:],
-              "spread": [unpainted[j] for j in datasets.spread(len(unpainted), 3)]}
-    chosen = {k: sorted(v) for k, v in chosen.items() if k in arms}
-    used = {z for v in chosen.values() for z in v}
-    rest = [z for z in unpainted if z not in used]
+    chosen, rest = pick_arms(top3, [r["slice"] for r in ranked], unpainted, arms)
+    chosen = {k: sorted(v) for k, v in chosen.items()}
+    # simulate_strokes shares a volume's pixels among its painted slices.
     per_slice = -(-args.pixels // max(len(painted), 1))
     result = {"case": case.key, "seed": args.seed, "rest": len(rest), "suggest_s": suggest_s,
               "unit": "slices", "scores": {f"slice {r['slice']}": r["score"] for r in ranked},
               "arms": {}}
-    for name, p in arms.items():
-        more = simulate_strokes(ref, K, pixels_per_class=per_slice * len(chosen[name]),
-                                brush_radius=1, seed=args.seed + i, dims=3, slices=chosen[name])
+
+    def paint(p, picks):
+        more = simulate_strokes(ref, K, pixels_per_class=per_slice * len(picks), brush_radius=1,
+                                seed=args.seed + i, dims=3, slices=picks)
         p.set_labels(ids[i], np.where(first > 0, first, more).astype(np.uint8))
-        log(f"{case.key}: round 2 with the {name} slices {chosen[name]}, {args.train_steps} steps")
-        p.train(steps=args.train_steps, device=args.device, seed=args.seed)
+
+    def score(p):
         pred = p.predict(ids[i], device=args.device, save=False)
-        result["arms"][name] = {"images": [f"slice {z}" for z in chosen[name]],
-                                "dice": dice(pred[rest], ref[rest], K), "fusion": fusion_of(p)}
-        log(f"{case.key}: {name} {result['arms'][name]}")
-    a = result["arms"]
-    result["suggest_wins"] = a["suggest"]["dice"] > a["spread"]["dice"]
-    return result
+        return dice(pred[rest], ref[rest], K)
+    return run_arms(case, args, arms, chosen, result, paint, score, lambda z: f"slice {z}")
 
 
 def mean_suggest(runs: list[dict]) -> dict:
     """One Suggest case over several seeds: each seed's arms, and the arms' mean Dice."""
-    out = dict(runs[0])
-    out["seeds"] = runs
+    out = {"case": runs[0]["case"], "unit": runs[0].get("unit", "images"), "seeds": runs}
     out["mean"] = {name: float(np.mean([r["arms"][name]["dice"] for r in runs]))
                    for name in runs[0]["arms"]}
     out["suggest_wins"] = out["mean"]["suggest"] > out["mean"]["spread"]
@@ -406,12 +415,13 @@ def print_report(report: dict) -> None:
     labels = {"suggest": "suggested (most uncertain)", "spread": "evenly spread",
               "least": "least uncertain (control)"}
     for c in report["suggest"]:
-        unit = c.get("unit", "images")
+        unit = c["unit"]
         print(f"\nSuggest on {c['case']}: round 2 paints 3 more {unit} ({s['train_steps']} more "
-              f"steps); mean Dice on the {c['rest']} {unit} no arm painted, per seed (round 1, "
-              f"strokes and training) and their mean")
+              f"steps); mean Dice on the {unit} no arm painted, per seed (round 1, strokes and "
+              f"training) and their mean")
         for r in c["seeds"]:
-            print(f"  seed {r['seed']} (Project.suggest over all unpainted: {r['suggest_s']:.1f} s)")
+            print(f"  seed {r['seed']}: {r['rest']} {unit} scored (Project.suggest over all "
+                  f"unpainted: {r['suggest_s']:.1f} s)")
             for name, arm in r["arms"].items():
                 sc = [round(r["scores"][n], 3) for n in arm["images"]]
                 f = arm.get("fusion") or {}
